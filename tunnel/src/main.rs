@@ -1,0 +1,218 @@
+//! vane-tunnel: a userspace WireGuard interface.
+//!
+//! `vane-tunnel --foreground IFNAME [--config FILE]` creates the TUN device
+//! IFNAME, serves the WireGuard userspace API on
+//! /var/run/wireguard/IFNAME.sock (so wg(8) configures it) and moves packets
+//! until SIGINT or SIGTERM, the same convention as `wireguard-go -f IFNAME`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tracing::{info, warn};
+
+use vane_tunnel::config;
+use vane_tunnel::device::Device;
+use vane_tunnel::model::DeviceConfig;
+use vane_tunnel::uapi_server;
+
+mod daemon;
+
+/// Exit status for a configuration the user has to fix.
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vane-tunnel",
+    version,
+    about = "vane's WireGuard data plane: a TUN device and WireGuard over UDP, configured with wg(8)"
+)]
+struct Args {
+    /// Stay in the foreground (as `wireguard-go -f`). Without it,
+    /// vane-tunnel detaches once the interface and its userspace API socket
+    /// exist, as wg-quick expects of a userspace implementation
+    /// (WG_QUICK_USERSPACE_IMPLEMENTATION=vane-tunnel).
+    #[arg(short = 'f', long)]
+    foreground: bool,
+
+    /// Load a wg-quick style configuration: [Interface] PrivateKey,
+    /// ListenPort, FwMark, Address, MTU and [Peer] sections. DNS, Table and
+    /// the Pre/Post hooks are accepted but not applied by the tunnel.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// MTU of the interface when the configuration names none.
+    #[arg(long, default_value_t = 1420, value_parser = clap::value_parser!(u16).range(576..))]
+    mtu: u16,
+
+    /// The interface to create.
+    #[arg(value_name = "IFNAME")]
+    interface: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging();
+    if let Err(e) = uapi_server::validate_ifname(&args.interface) {
+        eprintln!("vane-tunnel: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    // The configuration is read and checked before anything is created, so
+    // a bad file changes nothing on the host.
+    let loaded = match &args.config {
+        None => None,
+        Some(path) => match load_config(path) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("vane-tunnel: {e:#}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    // Detach before any thread exists (fork and threads do not mix); the
+    // parent waits until the child reports the interface ready or failed.
+    let ready = if args.foreground {
+        None
+    } else {
+        match daemon::detach() {
+            Ok(daemon::Role::Parent(code)) => return code,
+            Ok(daemon::Role::Child(ready)) => Some(ready),
+            Err(e) => {
+                eprintln!("vane-tunnel: cannot detach: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vane-tunnel: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args, loaded, ready)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vane-tunnel: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    // Quiet by default; VANE_LOG=debug (or RUST_LOG) for detail.
+    let filter = std::env::var("VANE_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+struct Loaded {
+    device: DeviceConfig,
+    addresses: Vec<ipnet::IpNet>,
+    mtu: Option<u16>,
+}
+
+fn load_config(path: &std::path::Path) -> Result<Loaded> {
+    let parsed = config::load(path)?;
+    for (key, line) in &parsed.interface.not_applied {
+        warn!(
+            "{}:{line}: {key} is not applied by vane-tunnel (routes, DNS and hooks belong to vaned or wg-quick)",
+            path.display()
+        );
+    }
+    let device = parsed.to_device_config(config::resolve_endpoint)?;
+    Ok(Loaded {
+        device,
+        addresses: parsed.interface.addresses.clone(),
+        mtu: parsed.interface.mtu,
+    })
+}
+
+async fn run(args: Args, loaded: Option<Loaded>, mut ready: Option<daemon::Ready>) -> Result<()> {
+    let result = start(&args, loaded).await;
+    let (device, listener, socket_guard) = match result {
+        Ok(started) => started,
+        Err(e) => {
+            if let Some(ready) = ready.take() {
+                ready.failed(&format!("{e:#}"));
+            }
+            return Err(e);
+        }
+    };
+    info!(
+        interface = %args.interface,
+        port = device.listen_port(),
+        "vane-tunnel running"
+    );
+    let uapi = tokio::spawn(uapi_server::serve(
+        listener,
+        Arc::clone(&device) as Arc<dyn uapi_server::UapiHandler>,
+    ));
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("SIGTERM handler")?;
+    if let Some(ready) = ready.take() {
+        ready.ok();
+    }
+
+    let result = tokio::select! {
+        r = Arc::clone(&device).run() => r.context("data path stopped"),
+        _ = tokio::signal::ctrl_c() => { info!("SIGINT, shutting down"); Ok(()) }
+        _ = sigterm.recv() => { info!("SIGTERM, shutting down"); Ok(()) }
+    };
+    uapi.abort();
+    drop(socket_guard);
+    // Dropping the last reference closes the TUN file; the kernel removes a
+    // non-persistent device with it.
+    drop(device);
+    result
+}
+
+/// Creates the interface, its configuration and the userspace API socket.
+async fn start(
+    args: &Args,
+    loaded: Option<Loaded>,
+) -> Result<(
+    Arc<Device>,
+    tokio::net::UnixListener,
+    uapi_server::SocketGuard,
+)> {
+    let (listener, socket_guard) = uapi_server::bind(&args.interface)
+        .with_context(|| format!("userspace API socket for {}", args.interface))?;
+
+    let mtu = loaded.as_ref().and_then(|l| l.mtu).unwrap_or(args.mtu);
+    let tun = tun_rs::DeviceBuilder::new()
+        .name(&args.interface)
+        .mtu(mtu)
+        .build_async()
+        .with_context(|| format!("cannot create TUN device {}", args.interface))?;
+    let config = match &loaded {
+        Some(l) => {
+            for addr in &l.addresses {
+                match addr {
+                    ipnet::IpNet::V4(a) => tun.add_address_v4(a.addr(), a.prefix_len()),
+                    ipnet::IpNet::V6(a) => tun.add_address_v6(a.addr(), a.prefix_len()),
+                }
+                .with_context(|| format!("cannot add address {addr} to {}", args.interface))?;
+            }
+            // As wg-quick: a configured interface comes up.
+            tun.enabled(true)
+                .with_context(|| format!("cannot set {} up", args.interface))?;
+            l.device.clone()
+        }
+        None => DeviceConfig::default(),
+    };
+    let device = Device::new(tun, config).context("cannot start the device")?;
+    Ok((device, listener, socket_guard))
+}
