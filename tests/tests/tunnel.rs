@@ -136,8 +136,12 @@ fn roaming_peer_moves_its_endpoint() -> Result<()> {
     // down and it reaches vane's address through a router on the new one.
     // Its datagrams now come from 198.51.100.2; vane must follow.
     let (a2, b2) = veth(&s.pair.a, &s.pair.b)?;
-    s.pair.a.ip(&["addr", "add", "198.51.100.1/24", "dev", &a2])?;
-    s.pair.b.ip(&["addr", "add", "198.51.100.2/24", "dev", &b2])?;
+    s.pair
+        .a
+        .ip(&["addr", "add", "198.51.100.1/24", "dev", &a2])?;
+    s.pair
+        .b
+        .ip(&["addr", "add", "198.51.100.2/24", "dev", &b2])?;
     s.pair.b.ip(&["link", "set", &s.pair.veth_b, "down"])?;
     s.pair
         .b
