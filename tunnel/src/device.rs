@@ -123,8 +123,20 @@ impl Device {
     /// port, setting the mark) is done before anything is committed, so a
     /// refused change leaves the old configuration in force.
     pub fn reconfigure(&self, new: DeviceConfig) -> Result<(), UapiError> {
+        self.update(|_| Ok(new))
+    }
+
+    /// Computes the new configuration from the one in force and applies
+    /// it, under one lock: concurrent changes are serialised, none is lost.
+    pub fn update(
+        &self,
+        change: impl FnOnce(&DeviceConfig) -> Result<DeviceConfig, UapiError>,
+    ) -> Result<(), UapiError> {
         let mut active = self.active();
-        let port_changed = new.listen_port != active.config.listen_port;
+        let new = change(&active.config)?;
+        let bound_port = self.listen_port();
+        let port_changed = new.listen_port != active.config.listen_port
+            && !(new.listen_port != 0 && new.listen_port == bound_port);
         let new_socket = if port_changed || new.fwmark != active.config.fwmark {
             if port_changed {
                 Some(Arc::new(bind_udp(new.listen_port, new.fwmark).map_err(
@@ -430,11 +442,9 @@ impl UapiHandler for Device {
     }
 
     fn set(&self, body: &str) -> Result<(), UapiError> {
-        // Parse and validate against the configuration in force, then apply
-        // the result whole; a concurrent set waits for this one.
-        let current = self.config();
-        let new = uapi::apply_set(&current, body)?;
-        self.reconfigure(new)
+        // Parsed and validated against the configuration in force, then
+        // applied whole; a concurrent set waits for this one.
+        self.update(|current| uapi::apply_set(current, body))
     }
 }
 
