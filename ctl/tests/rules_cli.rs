@@ -1,0 +1,175 @@
+//! `vanectl rules check|test` as an admin runs them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn vanectl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vanectl"))
+        .args(args)
+        .output()
+        .expect("run vanectl")
+}
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/rules.toml")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("vanectl-{}-{name}", std::process::id()));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn the_documented_example_is_valid() {
+    let ex = example();
+    let o = vanectl(&["rules", "check", ex.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout(&o).contains("valid: 4 rule(s), on-demand enabled"));
+    let o = vanectl(&["rules", "check", "--json", ex.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["rules"], 4);
+}
+
+#[test]
+fn a_bad_file_is_refused_with_line_and_column() {
+    let p = temp_file(
+        "bad.toml",
+        "[tunnel]\ninterface = \"vane0\"\nconfig = \"/etc/vane/vane0.conf\"\n[on_demand]\nenabled = true\n[[on_demand.rule]]\naction = \"connect\"\ninterface = \"wlan\"\n",
+    );
+    let o = vanectl(&["rules", "check", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:8:13: unknown interface type \"wlan\"",
+            p.display()
+        )),
+        "{err}"
+    );
+    let o = vanectl(&["rules", "check", "--json", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["errors"][0]["line"], 8);
+    assert_eq!(v["errors"][0]["column"], 13);
+    let _ = std::fs::remove_file(p);
+}
+
+#[test]
+fn test_explains_the_decision() {
+    let ex = example();
+    let ex = ex.to_str().unwrap();
+    let o = vanectl(&[
+        "rules",
+        "test",
+        ex,
+        "--interface",
+        "wifi",
+        "--ssid",
+        "Office-2",
+    ]);
+    assert!(o.status.success());
+    assert!(
+        stdout(&o).starts_with("down: rule 1 (line 13) matched"),
+        "{}",
+        stdout(&o)
+    );
+
+    let o = vanectl(&[
+        "rules",
+        "test",
+        ex,
+        "--interface",
+        "wifi",
+        "--ssid",
+        "Airport",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["decision"]["action"], "connect");
+    assert_eq!(v["decision"]["rule"], 3);
+
+    // The corporate LAN: pending probe, then the probe's answer decides.
+    let o = vanectl(&[
+        "rules",
+        "test",
+        ex,
+        "--interface",
+        "ethernet",
+        "--dns-domain",
+        "corp.example.com",
+    ]);
+    assert!(
+        stdout(&o).starts_with("unchanged: rule 4"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stdout(&o).contains("probes pending: http://intranet.corp.example.com/health"));
+    let o = vanectl(&[
+        "rules",
+        "test",
+        ex,
+        "--interface",
+        "ethernet",
+        "--dns-domain",
+        "corp.example.com",
+        "--probe",
+        "http://intranet.corp.example.com/health=ok",
+    ]);
+    assert!(stdout(&o).starts_with("down: rule 2"), "{}", stdout(&o));
+
+    // [interfaces] overrides the type by name.
+    let o = vanectl(&["rules", "test", ex, "--name", "wwan0"]);
+    assert!(stdout(&o).starts_with("up: rule 3"), "{}", stdout(&o));
+
+    // A manual down wins over a connect rule.
+    let o = vanectl(&[
+        "rules",
+        "test",
+        ex,
+        "--interface",
+        "cellular",
+        "--user-intent",
+        "down",
+    ]);
+    assert!(
+        stdout(&o).starts_with("down: the user asked for down"),
+        "{}",
+        stdout(&o)
+    );
+
+    // Non-UTF-8 SSIDs by their escaped form.
+    let o = vanectl(&[
+        "rules",
+        "test",
+        ex,
+        "--interface",
+        "wifi",
+        "--ssid",
+        "caf\\xe9",
+    ]);
+    assert!(stdout(&o).starts_with("up: rule 3"), "{}", stdout(&o));
+    let o = vanectl(&[
+        "rules",
+        "test",
+        ex,
+        "--interface",
+        "wifi",
+        "--ssid",
+        "bad\\q",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+
+    let o = vanectl(&["rules", "test", ex, "--no-network"]);
+    assert!(
+        stdout(&o).starts_with("unchanged: no usable network"),
+        "{}",
+        stdout(&o)
+    );
+}
