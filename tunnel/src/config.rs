@@ -4,7 +4,8 @@
 //! interface keys. Keys are case-insensitive, as in wg-quick. Every error
 //! names the file and line; values of secret keys are never echoed.
 
-use std::io;
+use std::collections::HashMap;
+use std::io::{self, Read as _};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -66,31 +67,44 @@ pub struct WgQuickConfig {
 }
 
 /// Reads and parses a configuration file. The file holds a private key: one
-/// readable or writable by group or others is refused, as wg(8) warns.
+/// readable or writable by group or others is refused, as wg(8) warns. The
+/// checks are made on the opened file, so a file swapped in between is not
+/// read unchecked.
 pub fn load(path: &Path) -> Result<WgQuickConfig, ConfigError> {
     let file_err = |reason: String| ConfigError::File {
         file: path.to_owned(),
         reason,
     };
-    let meta = std::fs::metadata(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
+    let file = std::fs::File::open(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| file_err(format!("cannot read: {e}")))?;
     if !meta.is_file() {
         return Err(file_err("not a regular file".into()));
     }
-    let mode = meta.permissions().mode() & 0o777;
+    let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(file_err(format!(
             "holds a private key but is accessible by group or others (mode {mode:04o}); run: chmod 600 {}",
             path.display()
         )));
     }
+    let too_big = |len: u64| {
+        file_err(format!(
+            "is {len} bytes, more than the {MAX_FILE} a configuration may have"
+        ))
+    };
     if meta.len() > MAX_FILE {
-        return Err(file_err(format!(
-            "is {} bytes, more than the {MAX_FILE} a configuration may have",
-            meta.len()
-        )));
+        return Err(too_big(meta.len()));
     }
-    let bytes = std::fs::read(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
-    let bytes = zeroize::Zeroizing::new(bytes);
+    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(meta.len() as usize));
+    // Bounded even if the file grows while it is read.
+    file.take(MAX_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| file_err(format!("cannot read: {e}")))?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(too_big(bytes.len() as u64));
+    }
     let text = std::str::from_utf8(&bytes).map_err(|e| {
         let line = bytes[..e.valid_up_to()]
             .iter()
@@ -107,7 +121,9 @@ pub fn load(path: &Path) -> Result<WgQuickConfig, ConfigError> {
 }
 
 /// Resolves a host name or parses an address literal (no lookup for a
-/// literal). The first address the resolver gives is taken.
+/// literal; a scoped IPv6 literal such as `fe80::1%eth0` goes to the
+/// resolver, which parses it without a lookup). The first address the
+/// resolver gives is taken.
 pub fn resolve_endpoint(endpoint: &Endpoint) -> io::Result<SocketAddr> {
     if let Ok(ip) = endpoint.host.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, endpoint.port));
@@ -168,7 +184,18 @@ struct PendingPeer {
     preshared_key: Option<Key>,
     endpoint: Option<Endpoint>,
     keepalive: Option<u16>,
-    allowed_ips: Vec<IpNet>,
+    /// With the line each came from.
+    allowed_ips: Vec<(IpNet, usize)>,
+}
+
+/// A key name fit to repeat in an error: wg-quick keys are short words. A
+/// longer or odder "key" (a pasted private key, say) is not shown.
+fn shown_key(key: &str) -> &str {
+    if !key.is_empty() && key.len() <= 24 && key.bytes().all(|b| b.is_ascii_alphabetic()) {
+        key
+    } else {
+        "(not shown)"
+    }
 }
 
 /// Parses configuration text; `file` is only used in error messages.
@@ -182,17 +209,23 @@ pub fn parse(text: &str, file: &Path) -> Result<WgQuickConfig, ConfigError> {
     let mut interface: Option<PendingInterface> = None;
     let mut peers: Vec<PendingPeer> = Vec::new();
 
+    // A byte-order mark (some Windows editors write one) is not content.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
+        // As wg-quick: everything from the first '#' on is a comment.
         let content = raw.split('#').next().unwrap_or("").trim();
         if content.is_empty() {
             continue;
         }
         if let Some(name) = content.strip_prefix('[') {
-            let name = name
-                .strip_suffix(']')
-                .ok_or_else(|| err(line, format!("{content:?}: a section header ends with ']'")))?
-                .trim();
+            // The line is not repeated: it could be anything, a key too.
+            let name = name.strip_suffix(']').map(str::trim).ok_or_else(|| {
+                err(
+                    line,
+                    "a section header is [Interface] or [Peer], alone on its line".into(),
+                )
+            })?;
             if name.eq_ignore_ascii_case("interface") {
                 if interface.is_some() {
                     return Err(err(line, "a second [Interface] section".into()));
@@ -215,14 +248,20 @@ pub fn parse(text: &str, file: &Path) -> Result<WgQuickConfig, ConfigError> {
             } else {
                 return Err(err(
                     line,
-                    format!("unknown section [{name}] (expected [Interface] or [Peer])"),
+                    format!(
+                        "unknown section [{}] (expected [Interface] or [Peer])",
+                        shown_key(name)
+                    ),
                 ));
             }
             continue;
         }
-        let (key, value) = content
-            .split_once('=')
-            .ok_or_else(|| err(line, format!("{content:?}: expected Key = Value")))?;
+        let (key, value) = content.split_once('=').ok_or_else(|| {
+            err(
+                line,
+                "expected Key = Value (the line is not shown: it may hold a key)".into(),
+            )
+        })?;
         let key = key.trim();
         let value = value.trim();
         let lower = key.to_ascii_lowercase();
@@ -230,7 +269,10 @@ pub fn parse(text: &str, file: &Path) -> Result<WgQuickConfig, ConfigError> {
             Section::None => {
                 return Err(err(
                     line,
-                    format!("{key} outside a section (start with [Interface])"),
+                    format!(
+                        "{} outside a section (start with [Interface])",
+                        shown_key(key)
+                    ),
                 ))
             }
             Section::Interface => {
@@ -243,7 +285,7 @@ pub fn parse(text: &str, file: &Path) -> Result<WgQuickConfig, ConfigError> {
                 let Some(peer) = peers.last_mut() else {
                     return Err(err(line, "internal: no [Peer] in progress".into()));
                 };
-                peer_key(peer, key, &lower, value).map_err(|r| err(line, r))?;
+                peer_key(peer, key, &lower, value, line).map_err(|r| err(line, r))?;
             }
         }
     }
@@ -252,24 +294,45 @@ pub fn parse(text: &str, file: &Path) -> Result<WgQuickConfig, ConfigError> {
     let private_key = itf
         .private_key
         .ok_or_else(|| err(itf.line, "[Interface] has no PrivateKey".into()))?;
+    let own_public = private_key.public_key();
     let mut out_peers: Vec<PeerSection> = Vec::with_capacity(peers.len());
+    // Public keys are not secret; the bytes index the peers.
+    let mut seen_keys: HashMap<[u8; 32], usize> = HashMap::with_capacity(peers.len());
+    let mut seen_nets: HashMap<IpNet, usize> = HashMap::new();
     for p in peers {
         let public_key = p
             .public_key
             .ok_or_else(|| err(p.line, "[Peer] has no PublicKey".into()))?;
-        if let Some(prev) = out_peers.iter().find(|q| q.config.public_key == public_key) {
+        if public_key == own_public {
             return Err(err(
                 p.line,
-                format!(
-                    "this [Peer] has the same PublicKey as the one at line {}",
-                    prev.line
-                ),
+                "this [Peer]'s PublicKey is the interface's own (from its PrivateKey)".into(),
+            ));
+        }
+        if let Some(prev) = seen_keys.insert(*public_key.as_bytes(), p.line) {
+            return Err(err(
+                p.line,
+                format!("this [Peer] has the same PublicKey as the one at line {prev}"),
             ));
         }
         let mut config = PeerConfig::new(public_key);
         config.preshared_key = p.preshared_key;
         config.persistent_keepalive = p.keepalive.unwrap_or(0);
-        for net in p.allowed_ips {
+        for (net, line) in p.allowed_ips {
+            let net = net.trunc();
+            match seen_nets.get(&net) {
+                Some(&peer_line) if peer_line != p.line => {
+                    return Err(err(
+                        line,
+                        format!(
+                            "AllowedIPs: {net} is already allowed for the [Peer] at line {peer_line} (a prefix routes to one peer)"
+                        ),
+                    ));
+                }
+                _ => {
+                    seen_nets.insert(net, p.line);
+                }
+            }
             config.add_allowed_ip(net);
         }
         out_peers.push(PeerSection {
@@ -305,6 +368,14 @@ fn secret_key(key: &str, value: &str) -> Result<Key, String> {
         .map_err(|_| format!("{key}: not a valid key (44 characters of base64 expected)"))
 }
 
+/// Decimal digits only (no sign, no white space), in range.
+fn decimal<T: TryFrom<u64>>(value: &str) -> Option<T> {
+    if value.is_empty() || value.len() > 20 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse::<u64>().ok().and_then(|n| T::try_from(n).ok())
+}
+
 fn interface_key(
     itf: &mut PendingInterface,
     key: &str,
@@ -318,26 +389,26 @@ fn interface_key(
             once(&mut itf.private_key, key, k)
         }
         "listenport" => {
-            let port = value
-                .parse::<u16>()
-                .map_err(|_| format!("{key}: {value:?} is not a port number (0-65535)"))?;
+            let port = decimal::<u16>(value)
+                .ok_or_else(|| format!("{key}: {value:?} is not a port number (0-65535)"))?;
             once(&mut itf.listen_port, key, port)
         }
         "fwmark" => {
-            let mark = if value.eq_ignore_ascii_case("off") {
-                0
-            } else if let Some(hex) = value
+            let hex = value
                 .strip_prefix("0x")
-                .or_else(|| value.strip_prefix("0X"))
-            {
-                u32::from_str_radix(hex, 16).map_err(|_| {
-                    format!("{key}: {value:?} is not a 32-bit number, hexadecimal or \"off\"")
-                })?
+                .or_else(|| value.strip_prefix("0X"));
+            let mark = if value.eq_ignore_ascii_case("off") {
+                Some(0)
+            } else if let Some(hex) = hex {
+                (!hex.is_empty() && hex.len() <= 8 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+                    .then(|| u32::from_str_radix(hex, 16).ok())
+                    .flatten()
             } else {
-                value.parse::<u32>().map_err(|_| {
-                    format!("{key}: {value:?} is not a 32-bit number, hexadecimal or \"off\"")
-                })?
-            };
+                decimal::<u32>(value)
+            }
+            .ok_or_else(|| {
+                format!("{key}: {value:?} is not a 32-bit number, hexadecimal or \"off\"")
+            })?;
             once(&mut itf.fwmark, key, mark)
         }
         "address" => {
@@ -347,9 +418,7 @@ fn interface_key(
             Ok(())
         }
         "mtu" => {
-            let mtu = value
-                .parse::<u16>()
-                .ok()
+            let mtu = decimal::<u16>(value)
                 .filter(|m| *m >= 576)
                 .ok_or_else(|| format!("{key}: {value:?} is not an MTU (576-65535)"))?;
             once(&mut itf.mtu, key, mtu)
@@ -358,11 +427,17 @@ fn interface_key(
             itf.not_applied.push((key.to_owned(), line));
             Ok(())
         }
-        _ => Err(format!("unknown key {key} in [Interface]")),
+        _ => Err(format!("unknown key {} in [Interface]", shown_key(key))),
     }
 }
 
-fn peer_key(peer: &mut PendingPeer, key: &str, lower: &str, value: &str) -> Result<(), String> {
+fn peer_key(
+    peer: &mut PendingPeer,
+    key: &str,
+    lower: &str,
+    value: &str,
+    line: usize,
+) -> Result<(), String> {
     match lower {
         "publickey" => {
             let k = Key::from_base64(value).map_err(|e| format!("{key}: {value:?}: {e}"))?;
@@ -382,21 +457,22 @@ fn peer_key(peer: &mut PendingPeer, key: &str, lower: &str, value: &str) -> Resu
                     .parse::<IpNet>()
                     .or_else(|_| item.parse::<IpAddr>().map(IpNet::from))
                     .map_err(|_| format!("{key}: {item:?} is not an IP prefix"))?;
-                peer.allowed_ips.push(net);
+                peer.allowed_ips.push((net, line));
             }
             Ok(())
         }
         "persistentkeepalive" => {
             let secs = if value.eq_ignore_ascii_case("off") {
-                0
+                Some(0)
             } else {
-                value.parse::<u16>().map_err(|_| {
-                    format!("{key}: {value:?} is not a number of seconds (0-65535) or \"off\"")
-                })?
-            };
+                decimal::<u16>(value)
+            }
+            .ok_or_else(|| {
+                format!("{key}: {value:?} is not a number of seconds (0-65535) or \"off\"")
+            })?;
             once(&mut peer.keepalive, key, secs)
         }
-        _ => Err(format!("unknown key {key} in [Peer]")),
+        _ => Err(format!("unknown key {} in [Peer]", shown_key(key))),
     }
 }
 
@@ -421,28 +497,42 @@ fn parse_endpoint(value: &str) -> Result<Endpoint, &'static str> {
         let port = after
             .strip_prefix(':')
             .ok_or("an IPv6 endpoint is written [address]:port")?;
-        host.parse::<std::net::Ipv6Addr>()
+        // A link-local address may carry a scope: [fe80::1%eth0]:51820.
+        let (addr, scope) = match host.split_once('%') {
+            Some((addr, scope)) => (addr, Some(scope)),
+            None => (host, None),
+        };
+        addr.parse::<std::net::Ipv6Addr>()
             .map_err(|_| "not an IPv6 address between the brackets")?;
+        if let Some(scope) = scope {
+            if scope.is_empty()
+                || scope.len() > 15
+                || !scope
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                return Err("the IPv6 scope after '%' is not an interface name or number");
+            }
+        }
         (host, port)
     } else {
         let (host, port) = value.rsplit_once(':').ok_or("an endpoint is host:port")?;
         if host.contains(':') {
             return Err("an IPv6 endpoint is written [address]:port");
         }
+        if host.is_empty() {
+            return Err("the host is empty");
+        }
+        if host.len() > 253
+            || !host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        {
+            return Err("the host has characters no host name or address has");
+        }
         (host, port)
     };
-    if host.is_empty() {
-        return Err("the host is empty");
-    }
-    if !host
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_' | '%'))
-    {
-        return Err("the host has characters no host name or address has");
-    }
-    let port = port
-        .parse::<u16>()
-        .ok()
+    let port = decimal::<u16>(port)
         .filter(|p| *p != 0)
         .ok_or("the port is not a number from 1 to 65535")?;
     Ok(Endpoint {
@@ -548,29 +638,55 @@ mod tests {
     #[test]
     fn golden_errors() {
         let i = format!("[Interface]\nPrivateKey = {PRIV}\n");
+        let own = Key::from_base64(PRIV).unwrap().public_key().to_base64();
         let cases: Vec<(String, &str)> = vec![
             ("".into(), "/etc/vane/wg0.conf:1: no [Interface] section"),
+            ("# only a comment\n\n".into(), "/etc/vane/wg0.conf:1: no [Interface] section"),
             ("PrivateKey = x\n".into(), "/etc/vane/wg0.conf:1: PrivateKey outside a section (start with [Interface])"),
             ("[Interface]\nListenPort = 1\n".into(), "/etc/vane/wg0.conf:1: [Interface] has no PrivateKey"),
             (format!("{i}[Bogus]\n"), "/etc/vane/wg0.conf:3: unknown section [Bogus] (expected [Interface] or [Peer])"),
-            (format!("{i}[Interface\n"), "/etc/vane/wg0.conf:3: \"[Interface\": a section header ends with ']'"),
+            (format!("{i}[Interface\n"), "/etc/vane/wg0.conf:3: a section header is [Interface] or [Peer], alone on its line"),
+            (format!("{i}[Peer] PublicKey = {PUB1}\n"), "/etc/vane/wg0.conf:3: a section header is [Interface] or [Peer], alone on its line"),
             (format!("{i}Colour = blue\n"), "/etc/vane/wg0.conf:3: unknown key Colour in [Interface]"),
             (format!("{i}ListenPort = 70000\n"), "/etc/vane/wg0.conf:3: ListenPort: \"70000\" is not a port number (0-65535)"),
+            (format!("{i}ListenPort = +1\n"), "/etc/vane/wg0.conf:3: ListenPort: \"+1\" is not a port number (0-65535)"),
             (format!("{i}ListenPort = 1\nListenPort = 2\n"), "/etc/vane/wg0.conf:4: ListenPort is given twice in this section"),
+            (format!("{i}listenport = 1\nLISTENPORT = 2\n"), "/etc/vane/wg0.conf:4: LISTENPORT is given twice in this section"),
+            (format!("{i}PrivateKey = {PRIV}\n"), "/etc/vane/wg0.conf:3: PrivateKey is given twice in this section"),
             (format!("{i}MTU = 100\n"), "/etc/vane/wg0.conf:3: MTU: \"100\" is not an MTU (576-65535)"),
+            (format!("{i}MTU = 1420\nMTU = 1420\n"), "/etc/vane/wg0.conf:4: MTU is given twice in this section"),
             (format!("{i}Address = 10.0.0.1/33\n"), "/etc/vane/wg0.conf:3: Address: \"10.0.0.1/33\" is not an address with an optional /prefix"),
+            (format!("{i}Address = 10.0.0.1/24, bogus\n"), "/etc/vane/wg0.conf:3: Address: \"bogus\" is not an address with an optional /prefix"),
             (format!("{i}FwMark = lots\n"), "/etc/vane/wg0.conf:3: FwMark: \"lots\" is not a 32-bit number, hexadecimal or \"off\""),
-            (format!("{i}just words\n"), "/etc/vane/wg0.conf:3: \"just words\": expected Key = Value"),
+            (format!("{i}FwMark = 0x\n"), "/etc/vane/wg0.conf:3: FwMark: \"0x\" is not a 32-bit number, hexadecimal or \"off\""),
+            (format!("{i}FwMark = 0x123456789\n"), "/etc/vane/wg0.conf:3: FwMark: \"0x123456789\" is not a 32-bit number, hexadecimal or \"off\""),
+            (format!("{i}FwMark = 4294967296\n"), "/etc/vane/wg0.conf:3: FwMark: \"4294967296\" is not a 32-bit number, hexadecimal or \"off\""),
+            (format!("{i}just words\n"), "/etc/vane/wg0.conf:3: expected Key = Value (the line is not shown: it may hold a key)"),
             (format!("{i}[Interface]\n"), "/etc/vane/wg0.conf:3: a second [Interface] section"),
             (format!("{i}[Peer]\nAllowedIPs = 10.0.0.0/8\n"), "/etc/vane/wg0.conf:3: [Peer] has no PublicKey"),
             (format!("{i}[Peer]\nPublicKey = {PUB1}\nAllowedIPs = 10.0.0.0/33\n"), "/etc/vane/wg0.conf:5: AllowedIPs: \"10.0.0.0/33\" is not an IP prefix"),
             (format!("{i}[Peer]\nPublicKey = {PUB1}\nEndpoint = 2001:db8::1:51820\n"), "/etc/vane/wg0.conf:5: Endpoint: \"2001:db8::1:51820\": an IPv6 endpoint is written [address]:port"),
+            (format!("{i}[Peer]\nPublicKey = {PUB1}\nEndpoint = [2001:db8::1]51820\n"), "/etc/vane/wg0.conf:5: Endpoint: \"[2001:db8::1]51820\": an IPv6 endpoint is written [address]:port"),
+            (format!("{i}[Peer]\nPublicKey = {PUB1}\nEndpoint = [vpn.example.com]:1\n"), "/etc/vane/wg0.conf:5: Endpoint: \"[vpn.example.com]:1\": not an IPv6 address between the brackets"),
+            (format!("{i}[Peer]\nPublicKey = {PUB1}\nEndpoint = [fe80::1%]:1\n"), "/etc/vane/wg0.conf:5: Endpoint: \"[fe80::1%]:1\": the IPv6 scope after '%' is not an interface name or number"),
             (format!("{i}[Peer]\nPublicKey = {PUB1}\nEndpoint = host:0\n"), "/etc/vane/wg0.conf:5: Endpoint: \"host:0\": the port is not a number from 1 to 65535"),
+            (format!("{i}[Peer]\nPublicKey = {PUB1}\nEndpoint = host:+5\n"), "/etc/vane/wg0.conf:5: Endpoint: \"host:+5\": the port is not a number from 1 to 65535"),
             (format!("{i}[Peer]\nPublicKey = {PUB1}\nEndpoint = host\n"), "/etc/vane/wg0.conf:5: Endpoint: \"host\": an endpoint is host:port"),
+            (format!("{i}[Peer]\nPublicKey = {PUB1}\nEndpoint = :51820\n"), "/etc/vane/wg0.conf:5: Endpoint: \":51820\": the host is empty"),
+            (format!("{i}[Peer]\nPublicKey = {PUB1}\nEndpoint = a b:1\n"), "/etc/vane/wg0.conf:5: Endpoint: \"a b:1\": the host has characters no host name or address has"),
+            (format!("{i}[Peer]\nPublicKey = {PUB1}\nEndpoint = a:1\nEndpoint = b:2\n"), "/etc/vane/wg0.conf:6: Endpoint is given twice in this section"),
             (format!("{i}[Peer]\nPublicKey = {PUB1}\nPersistentKeepalive = often\n"), "/etc/vane/wg0.conf:5: PersistentKeepalive: \"often\" is not a number of seconds (0-65535) or \"off\""),
+            (format!("{i}[Peer]\nPublicKey = {PUB1}\nPersistentKeepalive = 65536\n"), "/etc/vane/wg0.conf:5: PersistentKeepalive: \"65536\" is not a number of seconds (0-65535) or \"off\""),
             (format!("{i}[Peer]\nPublicKey = {PUB1}\nListenPort = 1\n"), "/etc/vane/wg0.conf:5: unknown key ListenPort in [Peer]"),
+            (format!("{i}[Peer]\nPublicKey = {PUB1}\nDNS = 1.1.1.1\n"), "/etc/vane/wg0.conf:5: unknown key DNS in [Peer]"),
             (format!("{i}[Peer]\nPublicKey = {PUB1}\n[Peer]\nPublicKey = {PUB1}\n"), "/etc/vane/wg0.conf:5: this [Peer] has the same PublicKey as the one at line 3"),
+            (format!("{i}[Peer]\nPublicKey = {PUB1}\nPublicKey = {PUB2}\n"), "/etc/vane/wg0.conf:5: PublicKey is given twice in this section"),
             (format!("{i}[Peer]\nPublicKey = abc\n"), "/etc/vane/wg0.conf:4: PublicKey: \"abc\": a key is 44 characters of base64 (32 bytes), this is 3 characters"),
+            (format!("{i}[Peer]\nPublicKey = {own}\n"), "/etc/vane/wg0.conf:3: this [Peer]'s PublicKey is the interface's own (from its PrivateKey)"),
+            (
+                format!("{i}[Peer]\nPublicKey = {PUB1}\nAllowedIPs = 10.0.0.0/24\n[Peer]\nPublicKey = {PUB2}\nAllowedIPs = 10.1.0.0/24\nAllowedIPs = 10.0.0.9/24\n"),
+                "/etc/vane/wg0.conf:9: AllowedIPs: 10.0.0.0/24 is already allowed for the [Peer] at line 3 (a prefix routes to one peer)",
+            ),
         ];
         for (text, want) in cases {
             assert_eq!(err(&text), want, "for:\n{text}");
@@ -581,15 +697,192 @@ mod tests {
     fn secrets_are_never_echoed() {
         // A value that is almost a key: wrong length by one.
         let almost = &PRIV[..43];
-        for text in [
+        let psk_almost = &PSK[..43];
+        let i = format!("[Interface]\nPrivateKey = {PRIV}\n");
+        let cases = [
             format!("[Interface]\nPrivateKey = {almost}\n"),
-            format!("[Interface]\nPrivateKey = {PRIV}\n[Peer]\nPublicKey = {PUB1}\nPresharedKey = {almost}\n"),
-            format!("[Interface]\nPrivateKey = {PRIV}\nPrivateKey = {PRIV}\n"),
-        ] {
+            format!("[Interface]\nPrivateKey = {almost}!\n"),
+            format!("[Interface]\nprivatekey = {PRIV}x\n"),
+            format!("{i}[Peer]\nPublicKey = {PUB1}\nPresharedKey = {psk_almost}\n"),
+            format!("{i}[Peer]\nPublicKey = {PUB1}\nPresharedKey = {PSK}\nPresharedKey = {PSK}\n"),
+            format!("{i}PrivateKey = {PRIV}\n"),
+            // Mistakes that put a key where a key name or header goes.
+            format!("[Interface]\nPrivateKey: {PRIV}\n"),
+            format!("[Interface]\nPrivateKey {PRIV}\n"),
+            format!("[Interface]\n{PRIV}\n"),
+            format!("{PRIV}\n[Interface]\n"),
+            format!("[Interface]\n{almost}x = 1\n"),
+            format!("[Interface PrivateKey = {PRIV}\n"),
+            format!("[{PRIV}]\n"),
+            format!("{i}[Peer]\nPublicKey = {PUB1}\n{PSK}\n"),
+            format!("{i}[Peer]\nPublicKey = {PUB1}\nPresharedKey {PSK}\n"),
+        ];
+        for text in cases {
             let e = err(&text);
-            assert!(!e.contains(almost), "{e}");
-            assert!(e.contains("PrivateKey") || e.contains("PresharedKey"), "{e}");
+            for secret in [almost, psk_almost, &PRIV[..20], &PSK[..20]] {
+                assert!(!e.contains(secret), "{e}\nfor:\n{text}");
+            }
         }
+    }
+
+    #[test]
+    fn each_key_and_its_spellings() {
+        let i = format!("[Interface]\nPrivateKey = {PRIV}\n");
+        let peer = format!("[Peer]\nPublicKey = {PUB1}\n");
+        let c = p(&format!("{i}listenport=0\n")).unwrap();
+        assert_eq!(c.interface.listen_port, Some(0));
+        let c = p(&format!("{i}LISTENPORT = 65535\n")).unwrap();
+        assert_eq!(c.interface.listen_port, Some(65535));
+        for (v, mark) in [
+            ("0", 0),
+            ("off", 0),
+            ("OFF", 0),
+            ("51820", 51820),
+            ("0xCA6C", 0xca6c),
+            ("0Xffffffff", u32::MAX),
+        ] {
+            let c = p(&format!("{i}FwMark = {v}\n")).unwrap();
+            assert_eq!(c.interface.fwmark, mark, "{v}");
+        }
+        let c = p(&format!("{i}MTU = 576\n")).unwrap();
+        assert_eq!(c.interface.mtu, Some(576));
+        let c = p(&format!("{i}mtu=65535\n")).unwrap();
+        assert_eq!(c.interface.mtu, Some(65535));
+        let c = p(&format!("{i}Address = fd00::2\nAddress=10.0.0.2/8,\n")).unwrap();
+        assert_eq!(
+            c.interface.addresses,
+            vec![
+                "fd00::2/128".parse::<IpNet>().unwrap(),
+                "10.0.0.2/8".parse().unwrap()
+            ]
+        );
+        let c = p(&format!(
+            "{i}Table = off\nPreUp = true\nPostUp = echo up # not part of it\nPreDown = x\nPostDown = y\nSaveConfig = false\ndns = 9.9.9.9\n"
+        ))
+        .unwrap();
+        let keys: Vec<_> = c
+            .interface
+            .not_applied
+            .iter()
+            .map(|(k, l)| format!("{k}@{l}"))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "Table@3",
+                "PreUp@4",
+                "PostUp@5",
+                "PreDown@6",
+                "PostDown@7",
+                "SaveConfig@8",
+                "dns@9"
+            ]
+        );
+        let c = p(&format!("{i}{peer}presharedkey = {PSK}\n")).unwrap();
+        assert_eq!(
+            c.peers[0]
+                .config
+                .preshared_key
+                .as_ref()
+                .unwrap()
+                .to_base64(),
+            PSK
+        );
+        assert_eq!(c.peers[0].endpoint, None);
+        assert!(c.peers[0].config.allowed_ips.is_empty());
+        for (v, secs) in [("0", 0), ("off", 0), ("25", 25), ("65535", 65535)] {
+            let c = p(&format!("{i}{peer}PersistentKeepalive = {v}\n")).unwrap();
+            assert_eq!(c.peers[0].config.persistent_keepalive, secs, "{v}");
+        }
+        // Endpoints: IPv4, IPv6 in brackets, scoped IPv6, a name kept as
+        // written for the loader to resolve.
+        for (v, host, port) in [
+            ("192.0.2.1:51820", "192.0.2.1", 51820),
+            ("[2001:db8::1]:443", "2001:db8::1", 443),
+            ("[fe80::1%eth0]:51820", "fe80::1%eth0", 51820),
+            ("vpn.example.com:1", "vpn.example.com", 1),
+            ("VPN-1.example.com.:65535", "VPN-1.example.com.", 65535),
+        ] {
+            let c = p(&format!("{i}{peer}Endpoint = {v}\n")).unwrap();
+            assert_eq!(
+                c.peers[0].endpoint,
+                Some(Endpoint {
+                    host: host.into(),
+                    port
+                }),
+                "{v}"
+            );
+        }
+        // AllowedIPs: bare addresses are host prefixes, host bits cleared,
+        // repeated lines accumulate, duplicates collapse.
+        let c = p(&format!(
+            "{i}{peer}AllowedIPs = 10.0.0.7/24, 192.0.2.1\nAllowedIPs = ::/0\nallowedips = 10.0.0.0/24\nAllowedIPs =\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.peers[0].config.allowed_ips,
+            vec![
+                "10.0.0.0/24".parse::<IpNet>().unwrap(),
+                "192.0.2.1/32".parse().unwrap(),
+                "::/0".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn windows_line_ends_and_odd_spacing() {
+        let text = format!(
+            "\u{feff}[Interface]\r\n  PrivateKey=   {PRIV}  \r\n\tListenPort\t=\t7\r\n[ Peer ]\r\nPublicKey = {PUB1}\r\n"
+        );
+        // A leading byte-order mark is skipped.
+        let c = p(&text).unwrap();
+        assert_eq!(c.interface.listen_port, Some(7));
+        assert_eq!(c.peers.len(), 1);
+    }
+
+    #[test]
+    fn device_config_carries_everything() {
+        let text = format!(
+            "[Interface]\nPrivateKey = {PRIV}\nFwMark = 9\n[Peer]\nPublicKey = {PUB1}\nPresharedKey = {PSK}\nEndpoint = 192.0.2.1:9\nAllowedIPs = 10.0.0.0/8\nPersistentKeepalive = 5\n[Peer]\nPublicKey = {PUB2}\n"
+        );
+        let c = p(&text).unwrap();
+        let mut lookups = 0;
+        let d = c
+            .to_device_config(|e| {
+                lookups += 1;
+                resolve_endpoint(e)
+            })
+            .unwrap();
+        assert_eq!(lookups, 1);
+        assert_eq!(d.private_key.as_ref().unwrap().to_base64(), PRIV);
+        assert_eq!(d.listen_port, 0);
+        assert_eq!(d.fwmark, 9);
+        assert_eq!(d.peers.len(), 2);
+        assert_eq!(d.peers[0].endpoint, Some("192.0.2.1:9".parse().unwrap()));
+        assert_eq!(d.peers[0].persistent_keepalive, 5);
+        assert_eq!(d.peers[0].preshared_key.as_ref().unwrap().to_base64(), PSK);
+        assert_eq!(d.peers[1].public_key.to_base64(), PUB2);
+        assert_eq!(d.peers[1].endpoint, None);
+    }
+
+    #[test]
+    fn ip_literals_resolve_without_a_lookup() {
+        let e = Endpoint {
+            host: "2001:db8::7".into(),
+            port: 5,
+        };
+        assert_eq!(
+            resolve_endpoint(&e).unwrap(),
+            "[2001:db8::7]:5".parse().unwrap()
+        );
+        let e = Endpoint {
+            host: "198.51.100.3".into(),
+            port: 6,
+        };
+        assert_eq!(
+            resolve_endpoint(&e).unwrap(),
+            "198.51.100.3:6".parse().unwrap()
+        );
     }
 
     #[test]
@@ -603,19 +896,74 @@ mod tests {
         assert_eq!(c.peers[0].config.persistent_keepalive, 0);
     }
 
+    fn temp_file(tag: &str, contents: &[u8], mode: u32) -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "vane-config-test-{}-{tag}.conf",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        std::fs::write(&path, contents).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
     #[test]
     fn loader_refuses_loose_permissions_and_reads_strict_ones() {
-        let path =
-            std::env::temp_dir().join(format!("vane-config-test-{}.conf", std::process::id()));
-        std::fs::write(&path, format!("[Interface]\nPrivateKey = {PRIV}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = format!("[Interface]\nPrivateKey = {PRIV}\n");
+        let path = temp_file("perm", text.as_bytes(), 0o644);
         let e = load(&path).unwrap_err().to_string();
-        assert!(e.contains("mode 0644") && e.contains("chmod 600"), "{e}");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(load(&path).is_ok());
+        assert_eq!(
+            e,
+            format!(
+                "{}: holds a private key but is accessible by group or others (mode 0644); run: chmod 600 {}",
+                path.display(),
+                path.display()
+            )
+        );
+        for mode in [0o640, 0o604, 0o620, 0o602, 0o610] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert!(load(&path).is_err(), "{mode:o}");
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let c = load(&path).unwrap();
+            assert_eq!(c.file, path);
+            assert_eq!(c.interface.private_key.to_base64(), PRIV);
+        }
         std::fs::remove_file(&path).unwrap();
         let e = load(&path).unwrap_err().to_string();
         assert!(e.contains("cannot read"), "{e}");
+        let e = load(&std::env::temp_dir()).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn loader_refuses_big_and_non_utf8_files() {
+        let mut big = format!("[Interface]\nPrivateKey = {PRIV}\n").into_bytes();
+        big.resize(MAX_FILE as usize + 1, b'\n');
+        let path = temp_file("big", &big, 0o600);
+        let e = load(&path).unwrap_err().to_string();
+        assert!(e.contains("more than the 1048576"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+
+        let mut bad = format!("[Interface]\nPrivateKey = {PRIV}\n# caf").into_bytes();
+        bad.push(0xe9);
+        bad.extend(b"\n");
+        let path = temp_file("utf8", &bad, 0o600);
+        let e = load(&path).unwrap_err().to_string();
+        assert_eq!(e, format!("{}:3: not UTF-8 text", path.display()));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn fixture_file_parses() {
+        // tests/data holds a wg-quick file as users write them.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/wg0.conf");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let c = parse(&text, &path).unwrap();
+        assert_eq!(c.peers.len(), 2);
+        assert_eq!(c.interface.addresses.len(), 2);
+        assert_eq!(c.interface.not_applied.len(), 3);
     }
 
     proptest::proptest! {

@@ -1,19 +1,36 @@
 //! The userspace API socket: `/var/run/wireguard/IFNAME.sock`, the thin
 //! I/O shell around [`crate::uapi`].
+//!
+//! Each connection is served by its own task, reading any number of
+//! requests (wg(8) may send a `get` then a `set` on one connection). A
+//! malformed request is answered with its errno and ends that connection
+//! only. Buffers are bounded by [`uapi::MAX_REQUEST`] and [`uapi::MAX_LINE`],
+//! a half-sent request must keep making progress, and request and reply
+//! bodies are never logged (they carry private keys).
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::debug;
+use zeroize::Zeroizing;
 
-use crate::uapi::{self, Request, UapiError};
+use crate::uapi::{self, Request, RequestReader, UapiError};
 
 /// Where wg(8) looks for userspace implementations' sockets.
 pub const SOCKET_DIR: &str = "/var/run/wireguard";
+
+/// A request that has begun must receive more bytes at least this often.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Writing one reply to a client that does not read gives up after this.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// After refusing a request, what the client still sends is read and
+/// discarded for this long, so it receives the reply instead of a reset.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// What the socket serves: the device implements it.
 pub trait UapiHandler: Send + Sync + 'static {
@@ -23,161 +40,289 @@ pub trait UapiHandler: Send + Sync + 'static {
     fn set(&self, body: &str) -> Result<(), UapiError>;
 }
 
-/// Checks an interface name as the kernel will take it.
+/// Checks an interface name as the kernel will take it (`dev_valid_name`):
+/// 1 to 15 bytes, not `.` or `..`, no `/`, `:`, white space or control
+/// characters.
 pub fn validate_ifname(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 15 {
         return Err(format!(
-            "interface name {name:?} must be 1 to 15 characters"
+            "interface name {name:?} must be 1 to 15 bytes long"
         ));
     }
-    if name == "."
-        || name == ".."
-        || name
-            .chars()
-            .any(|c| c == '/' || c.is_whitespace() || c == ':')
+    if name == "." || name == ".." {
+        return Err(format!("interface name {name:?} is not allowed"));
+    }
+    if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
     {
         return Err(format!(
-            "interface name {name:?} may not contain '/', ':' or white space"
+            "interface name {name:?} may not contain '/', ':', white space or control characters"
         ));
     }
     Ok(())
 }
 
-/// Removes the socket file when dropped (on every way out of the process
-/// that unwinds or returns).
+/// Removes the socket file when dropped, if it is still the one this
+/// process bound (a file that another process has put there since is left
+/// alone).
 #[derive(Debug)]
-pub struct SocketGuard(PathBuf);
+pub struct SocketGuard {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
 
 impl SocketGuard {
     pub fn path(&self) -> &Path {
-        &self.0
+        &self.path
     }
 }
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
+            if meta.dev() == self.dev && meta.ino() == self.ino {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
     }
 }
 
-/// Binds `/var/run/wireguard/IFNAME.sock`.
+/// Binds `/var/run/wireguard/IFNAME.sock`. See [`bind_in`].
 pub fn bind(ifname: &str) -> io::Result<(UnixListener, SocketGuard)> {
     bind_in(Path::new(SOCKET_DIR), ifname)
 }
 
-/// Binds `DIR/IFNAME.sock` (mode 0600): refuses if another process serves
-/// it, replaces a stale file left by one that died.
+/// Binds `DIR/IFNAME.sock`, mode 0600, creating `DIR` (mode 0755) if it is
+/// missing. Refuses (`AddrInUse`) if another process serves that socket,
+/// replaces a stale one left by a process that died, and refuses to touch
+/// anything there that is not a socket.
+///
+/// The socket is bound inside a private (0700) directory, given its mode,
+/// and only then linked to its public name, so no other user can connect
+/// while the mode is still the umask's. Must be called within a tokio
+/// runtime (an error otherwise).
 pub fn bind_in(dir: &Path, ifname: &str) -> io::Result<(UnixListener, SocketGuard)> {
     validate_ifname(ifname).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    std::fs::create_dir_all(dir)?;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
-    let path = dir.join(format!("{ifname}.sock"));
-    match std::fs::symlink_metadata(&path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("{} is served by another process", path.display()),
-                ));
-            }
-            std::fs::remove_file(&path)?;
-        }
-        Ok(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
-            ))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(io::Error::other(
+            "the userspace API socket needs a tokio runtime",
+        ));
     }
-    // Bind under a restrictive umask-equivalent: set the mode right after,
-    // before anything is served (the listener accepts nothing until
-    // `serve` runs).
-    let listener = UnixListener::bind(&path)?;
-    let guard = SocketGuard(path);
-    std::fs::set_permissions(guard.path(), std::fs::Permissions::from_mode(0o600))?;
+    ensure_dir(dir)?;
+    let path = dir.join(format!("{ifname}.sock"));
+    clear_stale(&path, ifname)?;
+
+    let staging = dir.join(format!(".{ifname}.sock.{}.tmp", std::process::id()));
+    let staged = staging.join("s");
+    let result = (|| {
+        let _ = std::fs::remove_file(&staged);
+        let _ = std::fs::remove_dir(&staging);
+        std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
+        let listener = std::os::unix::net::UnixListener::bind(&staged)?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        // link(2) fails if the name exists: a socket another process bound
+        // since the check above is never replaced.
+        std::fs::hard_link(&staged, &path).map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("another process serves {ifname} ({})", path.display()),
+                )
+            } else {
+                e
+            }
+        })?;
+        Ok::<_, io::Error>(listener)
+    })();
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&staging);
+    let listener = result?;
+
+    let meta = std::fs::symlink_metadata(&path)?;
+    let guard = SocketGuard {
+        path,
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
+    listener.set_nonblocking(true)?;
+    let listener = UnixListener::from_std(listener)?;
     Ok((listener, guard))
 }
 
-/// Serves connections until the listener fails; each connection in its own
-/// task, so a slow or stuck client holds up nobody else.
+fn ensure_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a directory", dir.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)?;
+            // The umask may have taken bits away; wg(8) needs to list it.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether something accepts connections on the socket at `path`.
+fn socket_is_live(path: &Path) -> io::Result<bool> {
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    // Non-blocking: a live server with a full backlog answers EAGAIN
+    // instead of blocking this check.
+    socket.set_nonblocking(true)?;
+    match socket.connect(&socket2::SockAddr::unix(path)?) {
+        Ok(()) => Ok(true),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::ECONNREFUSED) | Some(libc::ENOENT) => Ok(false),
+            Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => Ok(true),
+            _ => Err(e),
+        },
+    }
+}
+
+fn clear_stale(path: &Path, ifname: &str) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if socket_is_live(path)? {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("another process serves {ifname} ({})", path.display()),
+                ));
+            }
+            debug!(path = %path.display(), "removing a stale userspace API socket");
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        }
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket; not touching it",
+                path.display()
+            ),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Serves connections until the task is dropped; each connection in its
+/// own task, so a slow, stuck or hostile client holds up nobody else.
 pub async fn serve(listener: UnixListener, handler: Arc<dyn UapiHandler>) {
+    serve_with(listener, handler, STALL_TIMEOUT).await
+}
+
+async fn serve_with(listener: UnixListener, handler: Arc<dyn UapiHandler>, stall: Duration) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let handler = Arc::clone(&handler);
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, handler).await {
-                        debug!(error = %e, "userspace API connection ended");
+                    match connection(stream, handler, stall).await {
+                        Ok(()) => debug!("userspace API connection closed"),
+                        Err(e) => debug!(error = %e, "userspace API connection ended"),
                     }
                 });
             }
             Err(e) => {
                 debug!(error = %e, "userspace API accept failed");
                 // EMFILE and the like: do not spin.
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
 }
 
+/// Runs the handler off the async threads (it may take the device lock or
+/// bind a socket). A panicking handler ends the connection.
+async fn answer(handler: &Arc<dyn UapiHandler>, request: Request) -> io::Result<Zeroizing<String>> {
+    let handler = Arc::clone(handler);
+    let joined = tokio::task::spawn_blocking(move || match request {
+        Request::Get => Zeroizing::new(handler.get()),
+        Request::Set(body) => {
+            let body = Zeroizing::new(body);
+            Zeroizing::new(match handler.set(&body) {
+                Ok(()) => uapi::format_errno(0),
+                Err(e) => {
+                    debug!(error = %e, errno = e.errno(), "userspace API set refused");
+                    uapi::format_errno(e.errno())
+                }
+            })
+        }
+    })
+    .await;
+    joined.map_err(|e| io::Error::other(format!("the handler failed: {e}")))
+}
+
+async fn write_reply(stream: &mut UnixStream, reply: &[u8]) -> io::Result<()> {
+    tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(reply))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client does not read"))?
+}
+
 /// One client: any number of requests, each answered in turn. A framing
-/// error is answered with its errno and ends the connection. Bodies are
-/// never logged (a `set` may carry private keys).
-async fn connection(mut stream: UnixStream, handler: Arc<dyn UapiHandler>) -> io::Result<()> {
-    // Requests may carry private keys: the buffers are wiped when dropped.
-    let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(4096));
-    let mut chunk = [0u8; 4096];
+/// error is answered with its errno and ends the connection.
+async fn connection(
+    mut stream: UnixStream,
+    handler: Arc<dyn UapiHandler>,
+    stall: Duration,
+) -> io::Result<()> {
+    let mut reader = RequestReader::new();
+    let mut chunk = Zeroizing::new([0u8; 4096]);
     loop {
-        match uapi::parse_request(&buf) {
-            Ok(Some((request, used))) => {
-                buf.drain(..used);
-                let reply = match request {
-                    Request::Get => handler.get(),
-                    Request::Set(body) => {
-                        let body = zeroize::Zeroizing::new(body);
-                        match handler.set(&body) {
-                            Ok(()) => uapi::format_errno(0),
-                            Err(e) => {
-                                debug!(error = %e, "userspace API set refused");
-                                uapi::format_errno(e.errno())
-                            }
-                        }
-                    }
-                };
-                stream.write_all(reply.as_bytes()).await?;
-                continue;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                debug!(error = %e, "userspace API request refused");
-                stream
-                    .write_all(uapi::format_errno(e.errno()).as_bytes())
-                    .await?;
-                // Close gracefully: a client still writing would otherwise get
-                // a reset and could lose the reply. Discard what it sends,
-                // bounded in bytes and time.
-                stream.shutdown().await?;
-                let drain = async {
-                    let mut total = 0usize;
-                    while total < uapi::MAX_REQUEST {
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => total += n,
-                        }
-                    }
-                };
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
-                return Ok(());
+        loop {
+            match reader.next_request() {
+                Ok(Some(request)) => {
+                    let reply = answer(&handler, request).await?;
+                    write_reply(&mut stream, reply.as_bytes()).await?;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(error = %e, "userspace API request refused");
+                    write_reply(&mut stream, uapi::format_errno(e.errno()).as_bytes()).await?;
+                    linger(&mut stream, &mut chunk[..]).await;
+                    return Ok(());
+                }
             }
         }
-        let n = stream.read(&mut chunk).await?;
+        let read = stream.read(&mut chunk[..]);
+        let n = if reader.pending() > 0 {
+            tokio::time::timeout(stall, read)
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the request stalled"))??
+        } else {
+            read.await?
+        };
         if n == 0 {
+            // EOF; a partial request is dropped unanswered.
             return Ok(());
         }
-        buf.extend_from_slice(&chunk[..n]);
+        reader.push(&chunk[..n]);
     }
+}
+
+/// Closes the sending side and discards what the client still sends,
+/// bounded in bytes and time: closing with unread data would make the
+/// kernel reset the connection, and the client could lose the reply.
+async fn linger(stream: &mut UnixStream, chunk: &mut [u8]) {
+    let _ = stream.shutdown().await;
+    let drain = async {
+        let mut total = 0usize;
+        while total < uapi::MAX_REQUEST {
+            match stream.read(chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 #[cfg(test)]
@@ -185,17 +330,23 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    struct Fake(Mutex<Vec<String>>);
+    /// Applies sets to a configuration it holds, like the device.
+    struct Fake(Mutex<crate::model::DeviceConfig>);
 
     impl UapiHandler for Fake {
         fn get(&self) -> String {
-            "listen_port=1\nerrno=0\n\n".into()
+            let c = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            uapi::format_get(&c, c.listen_port, |_| Default::default())
         }
         fn set(&self, body: &str) -> Result<(), UapiError> {
-            crate::uapi::apply_set(&Default::default(), body)?;
-            self.0.lock().unwrap().push(body.to_owned());
+            let mut c = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            *c = uapi::apply_set(&c, body)?;
             Ok(())
         }
+    }
+
+    fn fake() -> Arc<Fake> {
+        Arc::new(Fake(Mutex::new(Default::default())))
     }
 
     fn temp_dir(tag: &str) -> PathBuf {
@@ -204,6 +355,7 @@ mod tests {
         d
     }
 
+    /// Sends `request`, closes the sending side, returns everything read.
     async fn exchange(path: &Path, request: &[u8]) -> String {
         let mut s = UnixStream::connect(path).await.unwrap();
         s.write_all(request).await.unwrap();
@@ -213,63 +365,181 @@ mod tests {
         out
     }
 
+    /// Reads one reply: up to and including the empty line after errno.
+    async fn read_reply(s: &mut UnixStream) -> String {
+        let mut out = Vec::new();
+        let mut b = [0u8; 1];
+        while !(out.ends_with(b"\n\n") && out.windows(6).any(|w| w == b"errno=")) {
+            let n = s.read(&mut b).await.unwrap();
+            assert_eq!(n, 1, "EOF after {:?}", String::from_utf8_lossy(&out));
+            out.push(b[0]);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
     #[tokio::test]
-    async fn serves_get_set_and_refuses_garbage() {
-        let dir = temp_dir("serve");
+    async fn serves_get_and_set() {
+        let dir = temp_dir("serve").join("wireguard");
         let (listener, guard) = bind_in(&dir, "vt0").unwrap();
-        let mode = std::fs::metadata(guard.path())
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-        let fake = Arc::new(Fake(Mutex::new(Vec::new())));
-        tokio::spawn(serve(listener, fake.clone()));
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(guard.path()), 0o600);
+        assert_eq!(mode(&dir), 0o755);
+        assert_eq!(guard.path(), dir.join("vt0.sock"));
+        // Nothing left of the staging directory.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        let handler = fake();
+        let server = tokio::spawn(serve(listener, handler.clone()));
         let path = guard.path().to_owned();
 
+        assert_eq!(exchange(&path, b"get=1\n\n").await, "errno=0\n\n");
+        assert_eq!(
+            exchange(&path, b"set=1\nlisten_port=5\nfwmark=3\n\n").await,
+            "errno=0\n\n"
+        );
         assert_eq!(
             exchange(&path, b"get=1\n\n").await,
-            "listen_port=1\nerrno=0\n\n"
+            "listen_port=5\nfwmark=3\nerrno=0\n\n"
         );
+        // A refused set changes nothing and leaves the connection usable.
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        s.write_all(b"set=1\nlisten_port=6\nallowed_ip=1\n\n")
+            .await
+            .unwrap();
+        assert_eq!(read_reply(&mut s).await, "errno=-22\n\n");
+        s.write_all(b"set=1\nlisten_port\n\n").await.unwrap();
+        assert_eq!(read_reply(&mut s).await, "errno=-71\n\n");
+        s.write_all(b"get=1\n\n").await.unwrap();
         assert_eq!(
-            exchange(&path, b"set=1\nlisten_port=5\n\nget=1\n\n").await,
-            "errno=0\n\nlisten_port=1\nerrno=0\n\n"
+            read_reply(&mut s).await,
+            "listen_port=5\nfwmark=3\nerrno=0\n\n"
         );
-        assert_eq!(
-            exchange(&path, b"set=1\nlisten_port=5\nallowed_ip=1\n\n").await,
-            "errno=-22\n\n"
-        );
-        assert_eq!(exchange(&path, b"hello\n\n").await, "errno=-22\n\n");
-        let mut huge = b"set=1\n".to_vec();
-        huge.extend(vec![b'x'; uapi::MAX_LINE * 2]);
-        assert_eq!(exchange(&path, &huge).await, "errno=-22\n\n");
-        assert_eq!(fake.0.lock().unwrap().len(), 1);
+        drop(s);
 
-        // A second server for the same name is refused while this one lives.
-        let err = bind_in(&dir, "vt0").unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        // Two requests in one write, as a pipelining client may send them.
+        assert_eq!(
+            exchange(&path, b"set=1\nfwmark=0\n\nget=1\n\n").await,
+            "errno=0\n\nlisten_port=5\nerrno=0\n\n"
+        );
+        server.abort();
         drop(guard);
         assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn garbage_oversize_and_stalls_end_only_their_connection() {
+        let dir = temp_dir("garbage");
+        let (listener, guard) = bind_in(&dir, "vt2").unwrap();
+        let handler = fake();
+        let server = tokio::spawn(serve_with(
+            listener,
+            handler.clone(),
+            Duration::from_millis(300),
+        ));
+        let path = guard.path().to_owned();
+
+        // A stalled half request, held open throughout.
+        let mut stalled = UnixStream::connect(&path).await.unwrap();
+        stalled.write_all(b"set=1\nlisten_po").await.unwrap();
+
+        assert_eq!(exchange(&path, b"hello\n\n").await, "errno=-22\n\n");
+        // Refused at once, without waiting for a newline; then closed.
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        s.write_all(b"DELETE everything").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "errno=-22\n\n");
+        // Garbage after a good request: the good one is answered first.
+        assert_eq!(
+            exchange(&path, b"get=1\n\nxyz\n\nget=1\n\n").await,
+            "errno=0\n\nerrno=-22\n\n"
+        );
+        // A line over the limit.
+        let mut long = b"set=1\n".to_vec();
+        long.extend(vec![b'x'; uapi::MAX_LINE * 2]);
+        assert_eq!(exchange(&path, &long).await, "errno=-22\n\n");
+        // A body over the limit, in short lines.
+        let mut big = b"set=1\n".to_vec();
+        while big.len() <= uapi::MAX_REQUEST + 64 {
+            big.extend(b"listen_port=1\n");
+        }
+        big.push(b'\n');
+        assert_eq!(exchange(&path, &big).await, "errno=-22\n\n");
+        // None of it was applied.
+        assert_eq!(exchange(&path, b"get=1\n\n").await, "errno=0\n\n");
+
+        // The stalled client was cut off after the stall timeout.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut rest))
+            .await
+            .unwrap();
+        assert!(n.is_err() || rest.is_empty(), "{rest:?}");
+
+        server.abort();
+        drop(guard);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_live_socket_is_refused_a_stale_one_replaced() {
+        let dir = temp_dir("stale");
+        let (listener, guard) = bind_in(&dir, "vt1").unwrap();
+        let server = tokio::spawn(serve(listener, fake()));
+        let err = bind_in(&dir, "vt1").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert!(
+            err.to_string().contains("another process serves vt1"),
+            "{err}"
+        );
+        assert!(guard.path().exists());
+        server.abort();
+        let _ = server.await;
+
+        // The socket file of a process that died (its listener closed, the
+        // file left behind).
+        std::mem::forget(guard);
+        let stale = dir.join("vt1.sock");
+        assert!(stale.exists());
+        let (_l, guard) = bind_in(&dir, "vt1").unwrap();
+        assert_eq!(guard.path(), stale);
+        assert!(!socket_is_live(&dir.join("nothing.sock")).unwrap());
+
+        // A guard whose file was replaced by someone else's leaves it.
+        std::fs::remove_file(&stale).unwrap();
+        std::fs::write(&stale, b"not ours").unwrap();
+        drop(guard);
+        assert!(stale.exists());
+
+        // A file that is not a socket is never removed.
+        let err = bind_in(&dir, "vt1").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&stale).unwrap(), b"not ours");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
-    fn stale_socket_is_replaced_and_names_are_checked() {
-        let dir = temp_dir("stale");
-        std::fs::create_dir_all(&dir).unwrap();
-        let stale = dir.join("vt1.sock");
-        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let (_l, guard) = bind_in(&dir, "vt1").unwrap();
-            assert_eq!(guard.path(), stale);
-        });
-        assert!(validate_ifname("").is_err());
-        assert!(validate_ifname("a/b").is_err());
-        assert!(validate_ifname("sixteen-chars-xx").is_err());
-        assert!(validate_ifname("wg0").is_ok());
-        let _ = std::fs::remove_dir_all(&dir);
+    fn names_are_checked_and_a_runtime_is_needed() {
+        for bad in [
+            "",
+            "a/b",
+            "sixteen-chars-xx",
+            ".",
+            "..",
+            "a b",
+            "a:1",
+            "a\0b",
+            "a\nb",
+        ] {
+            assert!(validate_ifname(bad).is_err(), "{bad:?}");
+        }
+        for good in ["wg0", "vane0", "fifteen-chars-x", "wg-ü"] {
+            assert!(validate_ifname(good).is_ok(), "{good:?}");
+        }
+        let dir = temp_dir("nort");
+        let err = bind_in(&dir, "vt3").unwrap_err();
+        assert!(err.to_string().contains("tokio runtime"), "{err}");
+        let err = bind_in(&dir, "../x").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }
 }
