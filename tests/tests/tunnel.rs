@@ -533,7 +533,7 @@ fn sigterm_removes_the_interface_and_the_socket() -> Result<()> {
 
 #[test]
 fn garbage_datagrams_are_dropped_and_the_tunnel_lives() -> Result<()> {
-    let s = Setup::new(false)?;
+    let mut s = Setup::new(false)?;
     s.pair.a.ping_until("10.10.0.2", 10 * SECS)?;
     // Random, truncated and oversized datagrams at vane's port.
     let sender = s.pair.b.run_in(|| {
@@ -556,6 +556,16 @@ fn garbage_datagrams_are_dropped_and_the_tunnel_lives() -> Result<()> {
         .map_err(|_| anyhow::anyhow!("sender panicked"))??;
     s.pair.a.ping_until("10.10.0.2", 5 * SECS)?;
     s.pair.b.ping_until("10.10.0.1", 5 * SECS)?;
+    // And they were counted (reported when the tunnel stops).
+    s.vane.stop(nix::sys::signal::Signal::SIGTERM)?;
+    let log = s.vane.log();
+    let invalid: u64 = log
+        .split("dropped packets: invalid datagrams ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(invalid >= 50, "garbage not counted as invalid: {log}");
     Ok(())
 }
 

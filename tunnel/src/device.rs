@@ -53,6 +53,22 @@ impl Counters {
     }
 }
 
+impl std::fmt::Display for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        write!(
+            f,
+            "invalid datagrams {}, unknown peer {}, inner source not allowed {}, no route {}, no endpoint {}, cookies sent {}",
+            get(&self.invalid_datagrams),
+            get(&self.unknown_peer),
+            get(&self.source_not_allowed),
+            get(&self.no_route),
+            get(&self.no_endpoint),
+            get(&self.cookies_sent)
+        )
+    }
+}
+
 /// The state a configuration change replaces as a whole.
 struct Active {
     config: DeviceConfig,

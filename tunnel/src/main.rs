@@ -172,6 +172,7 @@ async fn run(args: Args, loaded: Option<Loaded>, mut ready: Option<daemon::Ready
         _ = sigterm.recv() => { info!("SIGTERM, shutting down"); Ok(()) }
     };
     uapi.abort();
+    info!("dropped packets: {}", device.counters);
     drop(socket_guard);
     // Dropping the last reference closes the TUN file; the kernel removes a
     // non-persistent device with it.

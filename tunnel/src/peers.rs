@@ -453,4 +453,58 @@ mod tests {
         let pb = tb.peer_by_public(&half.peer_static_public).unwrap();
         assert_eq!(pb.public_key, ka.public_key());
     }
+
+    #[test]
+    fn under_handshake_load_initiators_get_cookies_and_then_pass() {
+        let (ka, kb) = (key(), key());
+        let mut cb = DeviceConfig {
+            private_key: Some(kb.clone()),
+            ..Default::default()
+        };
+        cb.peers.push(peer_cfg(&ka.public_key(), &[]));
+        let tb = PeerTable::build(&PeerTable::default(), &DeviceConfig::default(), &cb);
+        let gate = &tb.identity().unwrap().rate_limiter;
+        // The initiator: A's view of B.
+        let mut a = Tunn::new(
+            StaticSecret::from(*ka.as_bytes()),
+            PublicKey::from(*kb.public_key().as_bytes()),
+            None,
+            None,
+            1,
+            None,
+        );
+        let from: IpAddr = "192.0.2.9".parse().unwrap();
+        let mut buf = vec![0u8; 2048];
+        let mut out = vec![0u8; 2048];
+        let mut cookie = None;
+        for _ in 0..(HANDSHAKE_RATE_LIMIT + 5) {
+            let init = match a.format_handshake_initiation(&mut buf, true) {
+                boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
+                other => panic!("{other:?}"),
+            };
+            if let Err(boringtun::noise::TunnResult::WriteToNetwork(c)) =
+                gate.verify_packet(Some(from), &init, &mut out)
+            {
+                cookie = Some(c.to_vec());
+                break;
+            }
+        }
+        let cookie = cookie.expect("no cookie reply under load");
+        assert_eq!(cookie.len(), 64);
+        // The initiator takes the cookie; its next initiation carries a
+        // valid mac2 and passes the gate although the load persists.
+        assert!(matches!(
+            a.decapsulate(Some("192.0.2.1".parse().unwrap()), &cookie, &mut buf),
+            boringtun::noise::TunnResult::Done
+        ));
+        let init = match a.format_handshake_initiation(&mut buf, true) {
+            boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        assert!(gate.verify_packet(Some(from), &init, &mut out).is_ok());
+        // From another address the same message does not pass.
+        assert!(gate
+            .verify_packet(Some("198.51.100.1".parse().unwrap()), &init, &mut out)
+            .is_err());
+    }
 }
