@@ -38,7 +38,7 @@ impl fmt::Display for Action {
 }
 
 /// The kind of the interface that carries the default route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum InterfaceType {
     Wifi,

@@ -8,6 +8,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+/// The most bytes an SSID has (IEEE 802.11).
+pub const MAX_SSID_LEN: usize = 32;
+
 /// An SSID as the radio reports it.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Ssid(pub Vec<u8>);
@@ -26,10 +29,14 @@ impl Ssid {
         escape(&self.0)
     }
 
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     /// Parses the escaped text form.
     pub fn from_escaped(text: &str) -> Result<Ssid, SsidError> {
         let bytes = unescape(text)?;
-        if bytes.len() > 32 {
+        if bytes.len() > MAX_SSID_LEN {
             return Err(SsidError::TooLong(bytes.len()));
         }
         Ok(Ssid(bytes))
