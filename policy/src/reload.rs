@@ -91,8 +91,15 @@ pub struct FileWatch {
     _watcher: notify::RecommendedWatcher,
 }
 
+impl std::fmt::Debug for FileWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FileWatch")
+    }
+}
+
 /// Calls `on_change` (from the watcher's thread) whenever the file at
-/// `path` may have changed: written, created, renamed over or removed.
+/// `path` may have changed: written, created, renamed over or removed, or
+/// when the watcher lost events. The directory must exist.
 /// The caller coalesces bursts (an editor's save is several events).
 pub fn watch(path: &Path, on_change: impl Fn() + Send + 'static) -> notify::Result<FileWatch> {
     let dir = match path.parent() {
@@ -109,10 +116,11 @@ pub fn watch(path: &Path, on_change: impl Fn() + Send + 'static) -> notify::Resu
         if matches!(event.kind, notify::EventKind::Access(_)) {
             return;
         }
-        if event
-            .paths
-            .iter()
-            .any(|p| p.file_name().map(|n| n.to_owned()) == name)
+        if event.need_rescan()
+            || event
+                .paths
+                .iter()
+                .any(|p| p.file_name().map(|n| n.to_owned()) == name)
         {
             on_change();
         }
