@@ -507,10 +507,17 @@ pub fn bind_udp(port: u16, fwmark: u32) -> io::Result<Bound> {
     if fwmark != 0 {
         socket.set_mark(fwmark)?;
     }
-    // Room for bursts while the TUN side is busy; the kernel caps it at
-    // net.core.rmem_max unless we are privileged (then the force variants).
-    let _ = socket.set_recv_buffer_size(4 << 20);
-    let _ = socket.set_send_buffer_size(4 << 20);
+    // Room for bursts while the TUN side is busy (wireguard-go asks for
+    // 7 MiB). The plain options are capped at net.core.[rw]mem_max; with
+    // CAP_NET_ADMIN the force variants are not, so try those first.
+    const SOCKET_BUFFER: usize = 4 << 20;
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(&socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    }
+    if setsockopt(&socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    }
     socket.set_nonblocking(true)?;
     let socket = UdpSocket::from_std(socket.into())?;
     let local = socket.local_addr()?;
