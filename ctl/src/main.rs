@@ -1,10 +1,12 @@
 //! vanectl: the control CLI of vane.
 //!
 //! Today: the admin's offline rule tools, `vanectl rules check FILE` and
-//! `vanectl rules test FILE ...`, which work without a running daemon.
+//! `vanectl rules test FILE ...`, which work without a running daemon, and
+//! `vanectl genkey` / `vanectl pubkey`, in wg(8)'s text format.
 //!
-//! Exit status: 0 success; 1 the rule file was refused (`check`, `test`);
-//! 2 a usage error (bad arguments).
+//! Exit status: 0 success; 1 the rule file was refused (`check`, `test`)
+//! or the key read by `pubkey` is not a key; 2 a usage error (bad
+//! arguments).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -36,6 +38,10 @@ enum Command {
     /// Check and dry-run on-demand rule files (no daemon needed).
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Print a new private key (base64, as `wg genkey`).
+    Genkey,
+    /// Read a private key on standard input, print its public key (as `wg pubkey`).
+    Pubkey,
 }
 
 #[derive(Subcommand)]
@@ -107,7 +113,57 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Rules(RulesCommand::Check { file, json }) => check(&file, json),
         Command::Rules(RulesCommand::Test(args)) => test(args),
+        Command::Genkey => genkey(),
+        Command::Pubkey => pubkey(),
     }
+}
+
+fn genkey() -> ExitCode {
+    use base64::Engine as _;
+    // x25519-dalek clamps when it uses the key; the text is clamped too,
+    // byte for byte what `wg genkey` prints.
+    let secret = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);
+    let mut bytes = zeroize::Zeroizing::new(secret.to_bytes());
+    bytes[0] &= 248;
+    bytes[31] &= 127;
+    bytes[31] |= 64;
+    println!(
+        "{}",
+        base64::engine::general_purpose::STANDARD.encode(*bytes)
+    );
+    ExitCode::SUCCESS
+}
+
+fn pubkey() -> ExitCode {
+    use base64::Engine as _;
+    use std::io::Read as _;
+    let mut input = zeroize::Zeroizing::new(String::new());
+    // A key is 44 characters; read a little more to tell "too long".
+    if std::io::stdin()
+        .take(128)
+        .read_to_string(&mut input)
+        .is_err()
+    {
+        eprintln!("vanectl: cannot read the private key from standard input");
+        return ExitCode::from(EXIT_REFUSED);
+    }
+    let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+    let text = input.trim();
+    let ok = text.len() == 44
+        && base64::engine::general_purpose::STANDARD
+            .decode_slice(text, &mut *bytes)
+            .is_ok_and(|n| n == 32);
+    if !ok {
+        eprintln!("vanectl: the private key is not 44 characters of base64 (see vanectl genkey)");
+        return ExitCode::from(EXIT_REFUSED);
+    }
+    let secret = x25519_dalek::StaticSecret::from(*bytes);
+    let public = x25519_dalek::PublicKey::from(&secret);
+    println!(
+        "{}",
+        base64::engine::general_purpose::STANDARD.encode(public.as_bytes())
+    );
+    ExitCode::SUCCESS
 }
 
 #[derive(Serialize)]

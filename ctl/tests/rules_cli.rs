@@ -173,3 +173,34 @@ fn test_explains_the_decision() {
         stdout(&o)
     );
 }
+
+#[test]
+fn genkey_and_pubkey_speak_wg_text() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let pubkey = |input: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vanectl"))
+            .arg("pubkey")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        c.wait_with_output().unwrap()
+    };
+    // The vector from wg(8)'s own documentation examples.
+    let o = pubkey("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n");
+    assert!(o.status.success());
+    assert_eq!(stdout(&o), "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\n");
+    let o = pubkey("not a key\n");
+    assert_eq!(o.status.code(), Some(1));
+
+    let o = vanectl(&["genkey"]);
+    assert!(o.status.success());
+    let key = stdout(&o);
+    assert_eq!(key.trim().len(), 44);
+    assert_ne!(key, stdout(&vanectl(&["genkey"])));
+    // A generated key has a public key.
+    assert!(pubkey(&key).status.success());
+}
