@@ -143,6 +143,16 @@ pub struct Frame<'a> {
     pub payload: &'a [u8],
 }
 
+/// The (negative) errno of an NLMSG_ERROR payload; 0 is an acknowledgement.
+/// A payload too short to hold one reads as -EPROTO.
+pub fn error_code(payload: &[u8]) -> i32 {
+    payload
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(i32::from_ne_bytes)
+        .unwrap_or(-libc::EPROTO)
+}
+
 /// The netlink messages in a datagram; a malformed one ends it with an
 /// error.
 pub fn frames(buf: &[u8]) -> impl Iterator<Item = Result<Frame<'_>, Nl80211Error>> {
@@ -517,12 +527,7 @@ impl Nl80211 {
                 match f.kind {
                     NLMSG_DONE => return Ok(out),
                     NLMSG_ERROR => {
-                        let code = f
-                            .payload
-                            .get(..4)
-                            .and_then(|b| b.try_into().ok())
-                            .map(i32::from_ne_bytes)
-                            .unwrap_or(-libc::EPROTO);
+                        let code = error_code(f.payload);
                         if code == 0 {
                             return Ok(out);
                         }

@@ -700,12 +700,7 @@ impl Dumper {
                 match f.kind {
                     NLMSG_DONE => return Ok((msgs, interrupted)),
                     NLMSG_ERROR => {
-                        let code = f
-                            .payload
-                            .get(..4)
-                            .and_then(|b| b.try_into().ok())
-                            .map(i32::from_ne_bytes)
-                            .unwrap_or(-libc::EPROTO);
+                        let code = nl80211::error_code(f.payload);
                         if code == 0 {
                             return Ok((msgs, interrupted));
                         }
