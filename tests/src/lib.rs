@@ -183,6 +183,7 @@ impl Netns {
             child: Some(child),
             log,
             what: format!("{program} in {}", self.name),
+            owned: Vec::new(),
         })
     }
 
@@ -252,6 +253,9 @@ pub struct Proc {
     child: Option<Child>,
     log: PathBuf,
     what: String,
+    /// Files the process owns (its userspace API socket), removed once it
+    /// is gone in case it could not remove them itself (SIGKILL).
+    owned: Vec<PathBuf>,
 }
 
 impl Proc {
@@ -280,6 +284,11 @@ impl Proc {
         loop {
             if let Some(status) = child.try_wait()? {
                 self.child = None;
+                // Gone: what it owned goes now, not when the guard drops
+                // (a successor may own the same path by then).
+                for path in self.owned.drain(..) {
+                    let _ = std::fs::remove_file(path);
+                }
                 return Ok(status);
             }
             if Instant::now() > deadline {
@@ -316,6 +325,9 @@ impl Drop for Proc {
             eprintln!("---- log of {} ----\n{}", self.what, self.log());
         }
         let _ = std::fs::remove_file(&self.log);
+        for path in &self.owned {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -387,6 +399,7 @@ pub fn start_vane(ns: &Netns, ifname: &str, extra: &[&str]) -> Result<Proc> {
     let mut args = vec!["--foreground", ifname];
     args.extend_from_slice(extra);
     let mut p = ns.spawn(&bin.to_string_lossy(), &args, &[("VANE_LOG", "debug")])?;
+    p.owned.push(uapi_socket(ifname));
     wait_for_uapi(ifname, &mut p)?;
     Ok(p)
 }
@@ -398,6 +411,7 @@ pub fn start_wireguard_go(ns: &Netns, ifname: &str) -> Result<Proc> {
         &["-f", ifname],
         &[("WG_PROCESS_FOREGROUND", "1"), ("LOG_LEVEL", "error")],
     )?;
+    p.owned.push(uapi_socket(ifname));
     wait_for_uapi(ifname, &mut p)?;
     Ok(p)
 }

@@ -12,15 +12,17 @@ const SECS: Duration = Duration::from_secs(1);
 
 /// vane-tunnel in `pair.a` (configured by file), wireguard-go in `pair.b`
 /// (configured by wg set). Inner addresses 10.10.0.{1,2} and fd10::{1,2}.
+// Fields drop in order: the processes first (SIGTERM, so they clean up
+// after themselves), then the namespaces.
 struct Setup {
+    vane: Proc,
+    wg: Proc,
     pair: Pair,
     dir: TempDir,
     vane_if: String,
     wg_if: String,
     vane_keys: Keys,
     wg_keys: Keys,
-    vane: Proc,
-    wg: Proc,
 }
 
 impl Setup {
@@ -519,7 +521,18 @@ fn config_file_errors_exit_2_with_file_and_line() -> Result<()> {
 fn sigterm_removes_the_interface_and_the_socket() -> Result<()> {
     let mut s = Setup::new(false)?;
     s.pair.a.ping_until("10.10.0.2", 10 * SECS)?;
-    let status = s.vane.stop(nix::sys::signal::Signal::SIGTERM)?;
+    // Signalled by hand, not with Proc::stop, which would remove the
+    // socket on vane's behalf: vane must do it itself.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(s.vane.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let mut status = None;
+    wait_until(10 * SECS, "vane-tunnel to exit", || {
+        status = s.vane.try_wait();
+        status.is_some()
+    })?;
+    let status = status.ok_or_else(|| anyhow::anyhow!("no exit status"))?;
     assert!(status.success(), "exit status {status}");
     assert!(!uapi_socket(&s.vane_if).exists());
     assert!(s.pair.a.ip(&["link", "show", &s.vane_if]).is_err());
@@ -566,6 +579,28 @@ fn garbage_datagrams_are_dropped_and_the_tunnel_lives() -> Result<()> {
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0);
     assert!(invalid >= 50, "garbage not counted as invalid: {log}");
+    Ok(())
+}
+
+#[test]
+fn a_finished_test_leaves_nothing_behind() -> Result<()> {
+    let s = Setup::new(false)?;
+    s.pair.a.ping_until("10.10.0.2", 10 * SECS)?;
+    let sockets = [uapi_socket(&s.vane_if), uapi_socket(&s.wg_if)];
+    let namespaces = [s.pair.a.name.clone(), s.pair.b.name.clone()];
+    let dir = s.dir.path().to_owned();
+    drop(s);
+    for sock in &sockets {
+        assert!(!sock.exists(), "{} left behind", sock.display());
+    }
+    let listed = run(std::process::Command::new("ip").args(["netns", "list"]))?;
+    for ns in &namespaces {
+        assert!(
+            !listed.split_whitespace().any(|n| n == ns),
+            "namespace {ns} left behind"
+        );
+    }
+    assert!(!dir.exists(), "{} left behind", dir.display());
     Ok(())
 }
 
