@@ -90,14 +90,24 @@ impl Device {
     /// Creates the device around an open TUN device, binds its UDP socket
     /// and applies `config`.
     pub fn new(tun: AsyncDevice, config: DeviceConfig) -> io::Result<Arc<Device>> {
-        let socket = Arc::new(bind_udp(config.listen_port, config.fwmark)?);
+        let socket = bind_udp(config.listen_port, config.fwmark)?;
+        Ok(Device::with_socket(tun, socket, config))
+    }
+
+    /// Creates the device around an open TUN device and a UDP socket that
+    /// someone else bound (vaned hands the tunnel a socket it bound and
+    /// marked). `config.listen_port` and `config.fwmark` should describe
+    /// that socket, so that a `set` naming the same port and mark does not
+    /// rebind.
+    pub fn with_socket(tun: AsyncDevice, socket: Bound, config: DeviceConfig) -> Arc<Device> {
+        let socket = Arc::new(socket);
         let table = Arc::new(PeerTable::build(
             &PeerTable::default(),
             &DeviceConfig::default(),
             &config,
         ));
         let (socket_changed, _) = watch::channel(Arc::clone(&socket));
-        Ok(Arc::new(Device {
+        Arc::new(Device {
             tun: Arc::new(tun),
             active: Mutex::new(Active {
                 config,
@@ -107,7 +117,7 @@ impl Device {
             socket: RwLock::new(socket),
             socket_changed,
             counters: Counters::default(),
-        }))
+        })
     }
 
     pub fn tun(&self) -> &AsyncDevice {
@@ -489,6 +499,25 @@ impl Bound {
 /// Binds the dual-stack UDP socket (IPv4 and IPv6 outer transport on one
 /// port), falling back to IPv4 only where IPv6 is disabled.
 pub fn bind_udp(port: u16, fwmark: u32) -> io::Result<Bound> {
+    Bound::from_std(bind_udp_std(port, fwmark)?)
+}
+
+impl Bound {
+    /// Takes a bound UDP socket (blocking or not) into the runtime.
+    pub fn from_std(socket: std::net::UdpSocket) -> io::Result<Bound> {
+        socket.set_nonblocking(true)?;
+        let socket = UdpSocket::from_std(socket)?;
+        let local = socket.local_addr()?;
+        Ok(Bound {
+            socket,
+            port: local.port(),
+            dual_stack: local.is_ipv6(),
+        })
+    }
+}
+
+/// [`bind_udp`] without the runtime: what vaned binds and hands over.
+pub fn bind_udp_std(port: u16, fwmark: u32) -> io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = match Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)) {
         Ok(s) => {
@@ -518,14 +547,7 @@ pub fn bind_udp(port: u16, fwmark: u32) -> io::Result<Bound> {
     if setsockopt(&socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
         let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
     }
-    socket.set_nonblocking(true)?;
-    let socket = UdpSocket::from_std(socket.into())?;
-    let local = socket.local_addr()?;
-    Ok(Bound {
-        socket,
-        port: local.port(),
-        dual_stack: local.is_ipv6(),
-    })
+    Ok(socket.into())
 }
 
 fn set_mark(socket: &UdpSocket, fwmark: u32) -> io::Result<()> {

@@ -9,5 +9,6 @@ pub mod config;
 pub mod device;
 pub mod model;
 pub mod peers;
+pub mod tun;
 pub mod uapi;
 pub mod uapi_server;

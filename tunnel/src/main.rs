@@ -193,10 +193,7 @@ async fn start(
         .with_context(|| format!("userspace API socket for {}", args.interface))?;
 
     let mtu = loaded.as_ref().and_then(|l| l.mtu).unwrap_or(args.mtu);
-    let tun = tun_rs::DeviceBuilder::new()
-        .name(&args.interface)
-        .mtu(mtu)
-        .build_async()
+    let tun = vane_tunnel::tun::create(&args.interface, mtu)
         .with_context(|| format!("cannot create TUN device {}", args.interface))?;
     let config = match &loaded {
         Some(l) => {

@@ -1,0 +1,52 @@
+//! Opening the TUN device: the one place that knows the flags the data path
+//! reads it with, so the foreground tunnel, a supervised tunnel attaching
+//! to vaned's persistent device, and vaned creating that device agree.
+//!
+//! A supervised tunnel attaches to the persistent device *by name* rather
+//! than adopting a descriptor: tun-rs's `from_fd` assumes a descriptor
+//! without a virtio-net header, so a descriptor handed over a socket cannot
+//! carry TUN offloads (docs/ARCHITECTURE.md). TUNSETIFF on an existing
+//! device whose owner is the caller's uid needs no capability.
+
+use std::io;
+
+use tun_rs::{AsyncDevice, DeviceBuilder};
+
+/// Whether the device is opened multi-queue. Must be the same for the
+/// creator of a persistent device and every process attaching to it (the
+/// kernel refuses a mismatch with EINVAL).
+pub const MULTI_QUEUE: bool = false;
+/// Whether the device is read with a virtio-net header (TSO/GSO offloads).
+pub const OFFLOAD: bool = false;
+
+fn builder(name: &str) -> DeviceBuilder {
+    DeviceBuilder::new()
+        .name(name)
+        .multi_queue(MULTI_QUEUE)
+        .offload(OFFLOAD)
+}
+
+/// Creates (or attaches to) the device `name` and sets its MTU. Needs
+/// CAP_NET_ADMIN. The device goes away when the last descriptor closes,
+/// unless it was made persistent.
+pub fn create(name: &str, mtu: u16) -> io::Result<AsyncDevice> {
+    builder(name).mtu(mtu).build_async()
+}
+
+/// Attaches to the existing persistent device `name` without changing its
+/// configuration (no capability needed when its owner is this uid).
+pub fn attach(name: &str) -> io::Result<AsyncDevice> {
+    builder(name).build_async()
+}
+
+/// Creates the persistent device `name` with its MTU, owned by `owner` (the
+/// uid the tunnel process runs as), and lets go of it: the device stays,
+/// with no file attached, until a tunnel attaches or it is deleted
+/// (RTM_DELLINK). Needs CAP_NET_ADMIN.
+pub fn create_persistent(name: &str, mtu: u16, owner: u32) -> io::Result<()> {
+    let device = builder(name).mtu(mtu).build_sync()?;
+    device.persist()?;
+    let owner = i32::try_from(owner).map_err(|_| io::Error::other("uid out of range"))?;
+    device.user(owner)?;
+    Ok(())
+}
