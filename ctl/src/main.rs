@@ -1,12 +1,14 @@
 //! vanectl: the control CLI of vane.
 //!
-//! Today: the admin's offline rule tools, `vanectl rules check FILE` and
-//! `vanectl rules test FILE ...`, which work without a running daemon, and
-//! `vanectl genkey` / `vanectl pubkey`, in wg(8)'s text format.
+//! Talks to vaned over its control socket (`status`, `up`, `down`,
+//! `resume`, `on-demand`, `reload`, `network`, `watch`), and works offline
+//! for the admin's rule tools (`rules check|test`), keys (`genkey`,
+//! `pubkey`) and its own documentation (`completions`, `man`).
 //!
-//! Exit status: 0 success; 1 the rule file was refused (`check`, `test`)
-//! or the key read by `pubkey` is not a key; 2 a usage error (bad
-//! arguments).
+//! Exit status (docs/control.md):
+//! 0 success; 1 refused or failed (vaned refused the command, a rule file
+//! is invalid, a key is not a key); 2 usage error; 3 vaned is not running;
+//! 4 permission denied (cannot connect, or may read but not change).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -19,8 +21,15 @@ use vane_policy::rules::{self, InterfaceType};
 use vane_policy::ssid::Ssid;
 use vane_policy::{decide, RulesError};
 
+use vane_ctl::client::{Client, ClientError};
+use vane_ctl::proto::{self as ctl, Event, ReloadOutcome, Reply, Status};
+
+mod show;
+
 const EXIT_REFUSED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
+const EXIT_NOT_RUNNING: u8 = 3;
+const EXIT_PERMISSION: u8 = 4;
 
 #[derive(Parser)]
 #[command(
@@ -29,12 +38,45 @@ const EXIT_USAGE: u8 = 2;
     about = "Control and inspect vane, the on-demand VPN"
 )]
 struct Cli {
+    /// vaned's control socket.
+    #[arg(long, global = true, env = "VANE_SOCKET", default_value = vane_ctl::proto::DEFAULT_SOCKET)]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// The tunnel, the decision and why, the network, each peer.
+    Status(JsonFlag),
+    /// Bring the tunnel up now; the rules step back (until the network
+    /// changes, or until `resume`, per the rule file's user_override).
+    Up(JsonFlag),
+    /// Take the tunnel down now; the rules step back likewise.
+    Down(JsonFlag),
+    /// Forget the manual up/down: the rules decide again.
+    Resume(JsonFlag),
+    /// Switch on-demand on or off (persisted across restarts).
+    OnDemand {
+        #[arg(value_enum)]
+        state: OnOff,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read the rule file again (as SIGHUP does); a bad file is refused and
+    /// the rules in force stay.
+    Reload(JsonFlag),
+    /// The underlying network as vaned sees it.
+    Network(JsonFlag),
+    /// Stream network and status changes until interrupted.
+    Watch(JsonFlag),
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
     /// Check and dry-run on-demand rule files (no daemon needed).
     #[command(subcommand)]
     Rules(RulesCommand),
@@ -55,6 +97,19 @@ enum RulesCommand {
     },
     /// Show what the rules decide on a network you describe.
     Test(TestArgs),
+}
+
+#[derive(Args, Clone, Copy)]
+struct JsonFlag {
+    /// Machine-readable output (the schema is in docs/control.md).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -110,7 +165,37 @@ struct TestArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let socket = cli.socket;
     match cli.command {
+        Command::Status(f) => control(&socket, ctl::Command::Status {}, f.json),
+        Command::Up(f) => control(&socket, ctl::Command::Up {}, f.json),
+        Command::Down(f) => control(&socket, ctl::Command::Down {}, f.json),
+        Command::Resume(f) => control(&socket, ctl::Command::Resume {}, f.json),
+        Command::OnDemand { state, json } => control(
+            &socket,
+            ctl::Command::OnDemand {
+                enabled: matches!(state, OnOff::On),
+            },
+            json,
+        ),
+        Command::Reload(f) => control(&socket, ctl::Command::Reload {}, f.json),
+        Command::Network(f) => control(&socket, ctl::Command::Network {}, f.json),
+        Command::Watch(f) => watch(&socket, f.json),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "vanectl", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vanectl: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Rules(RulesCommand::Check { file, json }) => check(&file, json),
         Command::Rules(RulesCommand::Test(args)) => test(args),
         Command::Genkey => genkey(),
@@ -319,4 +404,123 @@ fn test(args: TestArgs) -> ExitCode {
         println!("{decision}");
     }
     ExitCode::SUCCESS
+}
+
+fn exit_for(e: &ClientError) -> ExitCode {
+    eprintln!("vanectl: {e}");
+    ExitCode::from(match e {
+        ClientError::NotRunning(_) => EXIT_NOT_RUNNING,
+        ClientError::NoAccess(_) => EXIT_PERMISSION,
+        ClientError::Refused(p) if p.code == ctl::ErrorCode::PermissionDenied => EXIT_PERMISSION,
+        _ => EXIT_REFUSED,
+    })
+}
+
+const TIMEOUT: Option<std::time::Duration> = Some(std::time::Duration::from_secs(35));
+
+/// One command to vaned, its reply printed.
+fn control(socket: &std::path::Path, command: ctl::Command, json: bool) -> ExitCode {
+    let reply = Client::connect(socket, TIMEOUT).and_then(|mut c| c.request(command));
+    let reply = match reply {
+        Ok(r) => r,
+        Err(e) => return exit_for(&e),
+    };
+    let now = std::time::SystemTime::now();
+    match &reply {
+        Reply::Status(s) => {
+            if json {
+                print_json(s);
+            } else {
+                print!("{}", show::status(s, now));
+            }
+            ExitCode::SUCCESS
+        }
+        Reply::Network { network } => {
+            if json {
+                print_json(network);
+            } else {
+                print!("{}", show::network(network));
+            }
+            ExitCode::SUCCESS
+        }
+        Reply::Reloaded { outcome, status } => {
+            if json {
+                print_json(&reply);
+            } else {
+                match outcome {
+                    ReloadOutcome::Applied => println!("reloaded: new rules in force"),
+                    ReloadOutcome::Unchanged => println!("reloaded: the rules are unchanged"),
+                    ReloadOutcome::Refused => {}
+                }
+            }
+            match (outcome, &status.rules.refused) {
+                (ReloadOutcome::Refused, Some(why)) => {
+                    eprintln!("{why}");
+                    eprintln!("vanectl: the rule file was refused; the rules in force stay");
+                    ExitCode::from(EXIT_REFUSED)
+                }
+                _ => ExitCode::SUCCESS,
+            }
+        }
+        Reply::Watching => ExitCode::SUCCESS,
+    }
+}
+
+/// Streams events until vaned goes away or the user interrupts.
+fn watch(socket: &std::path::Path, json: bool) -> ExitCode {
+    let mut client = match Client::connect(socket, TIMEOUT) {
+        Ok(c) => c,
+        Err(e) => return exit_for(&e),
+    };
+    let first: Result<Status, ClientError> =
+        client
+            .request(ctl::Command::Status {})
+            .and_then(|r| match r {
+                Reply::Status(s) => Ok(s),
+                other => Err(ClientError::Protocol(format!(
+                    "expected a status, got {other:?}"
+                ))),
+            });
+    let status = match first {
+        Ok(s) => s,
+        Err(e) => return exit_for(&e),
+    };
+    if let Err(e) = client.request(ctl::Command::Watch {}) {
+        return exit_for(&e);
+    }
+    let _ = client.set_read_timeout(None);
+    let now = std::time::SystemTime::now();
+    if json {
+        print_line_json(&Event::Status { status });
+    } else {
+        print!("{}", show::status(&status, now));
+    }
+    loop {
+        match client.next_event() {
+            Ok(event) => {
+                if json {
+                    print_line_json(&event);
+                } else {
+                    println!("{}", show::event(&event, std::time::SystemTime::now()));
+                }
+            }
+            Err(ClientError::Protocol(m)) if m.contains("closed") => {
+                eprintln!("vanectl: vaned closed the connection");
+                return ExitCode::from(EXIT_NOT_RUNNING);
+            }
+            Err(e) => return exit_for(&e),
+        }
+    }
+}
+
+fn print_line_json(value: &impl Serialize) {
+    use std::io::Write as _;
+    match serde_json::to_string(value) {
+        Ok(s) => {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{s}");
+            let _ = out.flush();
+        }
+        Err(e) => eprintln!("vanectl: cannot encode JSON: {e}"),
+    }
 }

@@ -47,6 +47,17 @@ struct Args {
     #[arg(long, default_value_t = 1420, value_parser = clap::value_parser!(u16).range(576..))]
     mtu: u16,
 
+    /// Attach to the existing persistent device IFNAME instead of creating
+    /// it, and leave its addresses, MTU and link state alone (vaned made
+    /// them). Needs no capability when the device's owner is this uid.
+    #[arg(long, conflicts_with = "config")]
+    attach: bool,
+
+    /// Use the bound UDP socket inherited as this descriptor instead of
+    /// binding one (vaned hands the tunnel its socket, already marked).
+    #[arg(long, value_name = "FD", value_parser = clap::value_parser!(i32).range(3..))]
+    udp_fd: Option<i32>,
+
     /// The interface to create.
     #[arg(value_name = "IFNAME")]
     interface: String,
@@ -193,8 +204,13 @@ async fn start(
         .with_context(|| format!("userspace API socket for {}", args.interface))?;
 
     let mtu = loaded.as_ref().and_then(|l| l.mtu).unwrap_or(args.mtu);
-    let tun = vane_tunnel::tun::create(&args.interface, mtu)
-        .with_context(|| format!("cannot create TUN device {}", args.interface))?;
+    let tun = if args.attach {
+        vane_tunnel::tun::attach(&args.interface)
+            .with_context(|| format!("cannot attach to the TUN device {}", args.interface))?
+    } else {
+        vane_tunnel::tun::create(&args.interface, mtu)
+            .with_context(|| format!("cannot create TUN device {}", args.interface))?
+    };
     let config = match &loaded {
         Some(l) => {
             for addr in &l.addresses {
@@ -211,6 +227,36 @@ async fn start(
         }
         None => DeviceConfig::default(),
     };
-    let device = Device::new(tun, config).context("cannot start the device")?;
+    let device = match args.udp_fd {
+        None => Device::new(tun, config).context("cannot start the device")?,
+        Some(fd) => {
+            let socket = inherited_socket(fd)?;
+            let mut config = config;
+            // Describe the socket as it is, so a `set` naming the same port
+            // and mark keeps it.
+            config.fwmark = socket2::SockRef::from(&socket).mark().unwrap_or(0);
+            let bound =
+                vane_tunnel::device::Bound::from_std(socket).context("the inherited UDP socket")?;
+            config.listen_port = bound.port;
+            Device::with_socket(tun, bound, config)
+        }
+    };
     Ok((device, listener, socket_guard))
+}
+
+/// Takes ownership of the inherited descriptor after checking that it is a
+/// UDP socket, so a wrong number fails clearly instead of misbehaving.
+fn inherited_socket(fd: i32) -> Result<std::net::UdpSocket> {
+    use std::os::fd::{BorrowedFd, FromRawFd};
+    // SAFETY: only borrowed for the check; a closed or foreign descriptor
+    // makes getsockopt fail (EBADF, ENOTSOCK), which is reported.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let kind = nix::sys::socket::getsockopt(&borrowed, nix::sys::socket::sockopt::SockType)
+        .with_context(|| format!("--udp-fd {fd} is not a socket"))?;
+    if kind != nix::sys::socket::SockType::Datagram {
+        anyhow::bail!("--udp-fd {fd} is not a datagram socket");
+    }
+    // SAFETY: the descriptor was inherited for this purpose and nothing
+    // else in the process owns it.
+    Ok(unsafe { std::net::UdpSocket::from_raw_fd(fd) })
 }

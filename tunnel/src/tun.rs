@@ -36,7 +36,7 @@ pub fn create(name: &str, mtu: u16) -> io::Result<AsyncDevice> {
 /// Attaches to the existing persistent device `name` without changing its
 /// configuration (no capability needed when its owner is this uid).
 pub fn attach(name: &str) -> io::Result<AsyncDevice> {
-    builder(name).build_async()
+    builder(name).inherit_enable_state().build_async()
 }
 
 /// Creates the persistent device `name` with its MTU, owned by `owner` (the
@@ -44,9 +44,23 @@ pub fn attach(name: &str) -> io::Result<AsyncDevice> {
 /// with no file attached, until a tunnel attaches or it is deleted
 /// (RTM_DELLINK). Needs CAP_NET_ADMIN.
 pub fn create_persistent(name: &str, mtu: u16, owner: u32) -> io::Result<()> {
-    let device = builder(name).mtu(mtu).build_sync()?;
+    // Down until vaned has given it its addresses and routes.
+    let device = builder(name).mtu(mtu).enable(false).build_sync()?;
     device.persist()?;
-    let owner = i32::try_from(owner).map_err(|_| io::Error::other("uid out of range"))?;
-    device.user(owner)?;
+    set_owner(&device, owner)
+}
+
+/// TUNSETOWNER by hand: the kernel takes the uid as the ioctl's argument
+/// itself, and tun-rs 2.8's `user()` passes a pointer to it instead (the
+/// owner becomes an address, and nobody can attach).
+fn set_owner(device: &tun_rs::SyncDevice, owner: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const TUNSETOWNER: libc::c_ulong = 0x4004_54cc; // _IOW('T', 204, int)
+                                                    // SAFETY: an ioctl on the device's own descriptor with an integer
+                                                    // argument, as the kernel's tun driver reads it.
+    let rc = unsafe { libc::ioctl(device.as_raw_fd(), TUNSETOWNER as _, owner as libc::c_ulong) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(())
 }

@@ -1,0 +1,471 @@
+//! The control protocol: JSON lines over the unix socket
+//! `/run/vane/vaned.sock`.
+//!
+//! A session:
+//! 1. The client sends `{"hello":{"protocol":1,"software":"vanectl 0.1.0"}}`.
+//!    The server answers with its own hello (protocol 1) or an error reply
+//!    with id 0 and code `unsupported-protocol`, then closes.
+//! 2. The client sends requests, each with a client-chosen `id`:
+//!    `{"id":7,"command":{"kind":"status"}}`. Every request gets exactly one
+//!    reply with the same id: `{"id":7,"ok":{...}}` or
+//!    `{"id":7,"error":{"code":"permission-denied","message":"..."}}`.
+//! 3. After a `watch` request is answered, the server sends events
+//!    `{"id":7,"event":{...}}` on that connection until it closes.
+//!
+//! Every message is one line of at most [`MAX_LINE`] bytes. Unknown fields
+//! and unknown commands are refused (`bad-request`), never ignored: a
+//! client built for a later protocol finds out at once.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use vane_observer::{Change, NetworkSnapshot, Uplink};
+use vane_policy::engine::{Desired, Reason, UserIntent};
+use vane_policy::rules::Action;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The longest line either side accepts (a status with many peers fits).
+pub const MAX_LINE: usize = 1 << 20;
+/// Where vaned listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/vane/vaned.sock";
+
+/// The first message each way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub protocol: u32,
+    /// Name and version of the program, for logs.
+    pub software: String,
+}
+
+/// Client to server: a hello, then requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ClientMessage {
+    Hello(HelloMessage),
+    Request(Request),
+}
+
+/// `{"hello":{...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelloMessage {
+    pub hello: Hello,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub id: u64,
+    pub command: Command,
+}
+
+/// What a client can ask. Reads are open to anyone who can connect;
+/// the others change state and need root or the socket's group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Command {
+    /// The whole state: tunnel, decision, network, intent, rules.
+    Status {},
+    /// The underlying network as the observer sees it.
+    Network {},
+    /// Stream status changes and network changes as events.
+    Watch {},
+    /// Bring the tunnel up now, whatever the rules say.
+    Up {},
+    /// Take the tunnel down now, whatever the rules say.
+    Down {},
+    /// Forget the manual up/down: the rules decide again.
+    Resume {},
+    /// Switch on-demand on or off (persisted).
+    OnDemand { enabled: bool },
+    /// Read the rule file again.
+    Reload {},
+}
+
+impl Command {
+    /// Whether the command changes state (and so needs privilege).
+    pub fn mutates(&self) -> bool {
+        !matches!(
+            self,
+            Command::Status {} | Command::Network {} | Command::Watch {}
+        )
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Status {} => "status",
+            Command::Network {} => "network",
+            Command::Watch {} => "watch",
+            Command::Up {} => "up",
+            Command::Down {} => "down",
+            Command::Resume {} => "resume",
+            Command::OnDemand { .. } => "on-demand",
+            Command::Reload {} => "reload",
+        }
+    }
+}
+
+/// Server to client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ServerMessage {
+    Hello { hello: Hello },
+    Ok { id: u64, ok: Box<Reply> },
+    Error { id: u64, error: ProtoError },
+    Event { id: u64, event: Box<Event> },
+}
+
+/// A successful reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Reply {
+    /// To status, up, down, resume, on-demand: the state after the command.
+    Status(Status),
+    /// To network.
+    Network { network: NetworkView },
+    /// To reload: whether the file was applied, unchanged or refused; the
+    /// status after it.
+    Reloaded {
+        outcome: ReloadOutcome,
+        status: Status,
+    },
+    /// To watch: events follow.
+    Watching,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReloadOutcome {
+    Applied,
+    Unchanged,
+    Refused,
+}
+
+/// A streamed event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Event {
+    /// The underlying network changed.
+    Network { change: Change },
+    /// The status changed (tunnel state, decision, intent or rules).
+    Status { status: Status },
+    /// This watcher fell behind and missed `missed` events; the next
+    /// status event is current.
+    Lagged { missed: u64 },
+}
+
+/// A refused or failed request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtoError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl fmt::Display for ProtoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.code.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    /// Not JSON, not a known message, a field unknown or missing.
+    BadRequest,
+    /// A line longer than [`MAX_LINE`].
+    TooLong,
+    /// The hello named a protocol this server does not speak.
+    UnsupportedProtocol,
+    /// A request before the hello.
+    HelloRequired,
+    /// The caller may read but not change state.
+    PermissionDenied,
+    /// The command was valid but could not be carried out.
+    Failed,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad-request",
+            ErrorCode::TooLong => "too-long",
+            ErrorCode::UnsupportedProtocol => "unsupported-protocol",
+            ErrorCode::HelloRequired => "hello-required",
+            ErrorCode::PermissionDenied => "permission-denied",
+            ErrorCode::Failed => "failed",
+        }
+    }
+}
+
+// ---- the status, the documented and stable schema -----------------------
+
+/// Everything `vanectl status` shows. Field names are the stable JSON
+/// schema (docs/control.md); fields are only ever added.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub tunnel: TunnelStatus,
+    pub decision: DecisionView,
+    pub network: NetworkView,
+    pub intent: IntentView,
+    pub rules: RulesView,
+    pub daemon: DaemonView,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TunnelState {
+    /// No tunnel process; the interface does not exist.
+    Down,
+    /// The interface exists and the tunnel process is starting.
+    Starting,
+    /// The tunnel process runs and is configured.
+    Up,
+    /// Being taken down.
+    Stopping,
+    /// The tunnel process failed; it is restarted after a backoff.
+    Restarting,
+}
+
+impl fmt::Display for TunnelState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TunnelState::Down => "down",
+            TunnelState::Starting => "starting",
+            TunnelState::Up => "up",
+            TunnelState::Stopping => "stopping",
+            TunnelState::Restarting => "restarting",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelStatus {
+    pub interface: String,
+    pub state: TunnelState,
+    /// Unix time (seconds) of the last state change.
+    pub since: u64,
+    /// The tunnel process, while one runs.
+    pub pid: Option<u32>,
+    /// How many times the tunnel process was restarted after failing.
+    pub restarts: u32,
+    /// Why the tunnel last failed, if it did.
+    pub last_error: Option<String>,
+    pub listen_port: Option<u16>,
+    pub peers: Vec<PeerStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// Base64, as wg(8) shows it.
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    /// Unix time (seconds) of the last handshake; `None` if never.
+    pub last_handshake: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionView {
+    pub desired: Desired,
+    pub action: Action,
+    /// 1-based index of the deciding rule.
+    pub rule: Option<usize>,
+    /// The explanation, in words.
+    pub reason: String,
+    /// The explanation, structured.
+    pub detail: Reason,
+    pub probes_needed: Vec<String>,
+}
+
+/// The underlying network, flattened for reading; the full snapshot is in
+/// `ipv4`, `ipv6` and `dns`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkView {
+    pub available: bool,
+    /// The primary interface (the IPv4 uplink, else the IPv6 one).
+    pub interface: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Escaped form (`\xNN` for bytes that are not printable UTF-8).
+    pub ssid: Option<String>,
+    pub gateway: Option<IpAddr>,
+    pub dns_servers: Vec<IpAddr>,
+    pub dns_search_domains: Vec<String>,
+    pub ipv4: Option<Uplink>,
+    pub ipv6: Option<Uplink>,
+}
+
+impl From<&NetworkSnapshot> for NetworkView {
+    fn from(s: &NetworkSnapshot) -> NetworkView {
+        let primary = s.primary();
+        NetworkView {
+            available: s.available,
+            interface: primary.map(|u| u.interface.clone()),
+            kind: primary.map(|u| u.kind.to_string()),
+            ssid: primary.and_then(|u| u.ssid.as_ref()).map(|s| s.escaped()),
+            gateway: primary.and_then(|u| u.gateway),
+            dns_servers: s.dns.servers.clone(),
+            dns_search_domains: s.dns.search_domains.clone(),
+            ipv4: s.ipv4.clone(),
+            ipv6: s.ipv6.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntentView {
+    /// Whether on-demand is on (the rule file enables it and the user has
+    /// not switched it off).
+    pub on_demand: bool,
+    pub persisted: UserIntent,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RulesView {
+    pub file: String,
+    pub rules: usize,
+    /// The last reload's refusal, while the file stays bad: the rules in
+    /// force are the previous ones.
+    pub refused: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonView {
+    pub version: String,
+    pub pid: u32,
+    /// Unix time (seconds) the daemon started.
+    pub started: u64,
+}
+
+// ---- the codec ------------------------------------------------------------
+
+/// Decodes one line from a client. The error is what to answer.
+pub fn decode_client(line: &[u8]) -> Result<ClientMessage, ProtoError> {
+    if line.len() > MAX_LINE {
+        return Err(ProtoError {
+            code: ErrorCode::TooLong,
+            message: format!("a line is at most {MAX_LINE} bytes"),
+        });
+    }
+    serde_json::from_slice(line).map_err(|e| ProtoError {
+        code: ErrorCode::BadRequest,
+        message: format!("not a valid message: {e}"),
+    })
+}
+
+/// The request id of a line that did not decode, when it has one, so the
+/// error reply can name it.
+pub fn salvage_id(line: &[u8]) -> u64 {
+    serde_json::from_slice::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v.get("id").and_then(|i| i.as_u64()))
+        .unwrap_or(0)
+}
+
+/// One message as a line, newline included.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    // Serialising these types cannot fail: no maps with non-string keys,
+    // no types with a failing Serialize.
+    let mut line = serde_json::to_vec(message).unwrap_or_else(|e| {
+        serde_json::to_vec(&ServerMessage::Error {
+            id: 0,
+            error: ProtoError {
+                code: ErrorCode::Failed,
+                message: format!("cannot encode: {e}"),
+            },
+        })
+        .unwrap_or_default()
+    });
+    line.push(b'\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_have_the_documented_form() {
+        let r = ClientMessage::Request(Request {
+            id: 7,
+            command: Command::OnDemand { enabled: false },
+        });
+        let line = encode(&r);
+        assert_eq!(
+            std::str::from_utf8(&line).unwrap(),
+            "{\"id\":7,\"command\":{\"kind\":\"on-demand\",\"enabled\":false}}\n"
+        );
+        assert_eq!(decode_client(&line[..line.len() - 1]).unwrap(), r);
+        let h = decode_client(br#"{"hello":{"protocol":1,"software":"x"}}"#).unwrap();
+        assert!(matches!(h, ClientMessage::Hello(m) if m.hello.protocol == 1));
+        assert!(decode_client(br#"{"hello":{"protocol":1,"software":"x"},"id":1}"#).is_err());
+    }
+
+    #[test]
+    fn unknown_fields_commands_and_garbage_are_bad_requests() {
+        for line in [
+            &br#"{"id":1,"command":{"kind":"status","extra":1}}"#[..],
+            br#"{"id":1,"command":{"kind":"format-disk"}}"#,
+            br#"{"id":1,"command":{"kind":"on-demand"}}"#,
+            br#"{"id":1}"#,
+            br#"{"id":-1,"command":{"kind":"status"}}"#,
+            br#"{"hello":{"protocol":1}}"#,
+            b"\xff\xfe",
+            b"",
+            b"[]",
+        ] {
+            let e = decode_client(line).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{line:?}");
+        }
+        assert_eq!(salvage_id(br#"{"id":9,"command":{"kind":"x"}}"#), 9);
+        assert_eq!(salvage_id(b"nonsense"), 0);
+    }
+
+    #[test]
+    fn an_oversized_line_is_too_long() {
+        let line = vec![b' '; MAX_LINE + 1];
+        assert_eq!(decode_client(&line).unwrap_err().code, ErrorCode::TooLong);
+    }
+
+    #[test]
+    fn only_reads_are_open_to_everyone() {
+        assert!(!Command::Status {}.mutates());
+        assert!(!Command::Network {}.mutates());
+        assert!(!Command::Watch {}.mutates());
+        for c in [
+            Command::Up {},
+            Command::Down {},
+            Command::Resume {},
+            Command::Reload {},
+            Command::OnDemand { enabled: true },
+        ] {
+            assert!(c.mutates(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn server_messages_decode_as_what_they_are() {
+        let e = ServerMessage::Error {
+            id: 3,
+            error: ProtoError {
+                code: ErrorCode::PermissionDenied,
+                message: "no".into(),
+            },
+        };
+        let line = encode(&e);
+        let back: ServerMessage = serde_json::from_slice(&line).unwrap();
+        assert_eq!(back, e);
+        let w = ServerMessage::Ok {
+            id: 4,
+            ok: Box::new(Reply::Watching),
+        };
+        let back: ServerMessage = serde_json::from_slice(&encode(&w)).unwrap();
+        assert_eq!(back, w);
+    }
+}

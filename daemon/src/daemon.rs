@@ -1,0 +1,490 @@
+//! vaned's loop: one task owns the state (rules, intent, decision,
+//! supervisor) and reacts to the network, the rule file, control requests,
+//! the tunnel worker's reports, timers and signals. Everything slow (the
+//! tunnel's I/O, client connections) runs on other tasks and talks to this
+//! one through channels, so the loop never waits on the outside.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use anyhow::{Context as _, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{broadcast, mpsc};
+use tracing::{error, info, warn};
+use vane_ctl::proto::Command;
+use vane_ctl::proto::{
+    DaemonView, DecisionView, ErrorCode, Event, IntentView, NetworkView, ProtoError, ReloadOutcome,
+    Reply, RulesView, Status, TunnelStatus,
+};
+use vane_observer::{Exclusions, Observer, ObserverConfig};
+use vane_policy::engine::{self, Decision, Desired, Manual, ManualIntent, Probes, UserIntent};
+use vane_policy::reload::{Reloaded, RuleSource};
+
+use crate::control;
+use crate::plan;
+use crate::state::StateStore;
+use crate::supervisor::{Action, Supervisor};
+use crate::tunnel::{Plan, Report, Worker};
+use crate::uapi_client::unix_secs;
+
+/// How vaned was started.
+pub struct Options {
+    pub rules: RuleSource,
+    pub plan: Plan,
+    pub binary: PathBuf,
+    pub store: StateStore,
+    pub intent: UserIntent,
+    pub listener: tokio::net::UnixListener,
+    pub group: Option<u32>,
+    pub observer: ObserverConfig,
+}
+
+enum WorkerMsg {
+    Act(Action),
+    Plan(Box<Plan>),
+}
+
+struct Daemon {
+    rules: RuleSource,
+    plan: Plan,
+    binary: PathBuf,
+    /// Why the tunnel's configuration cannot be used, if it cannot.
+    plan_error: Option<String>,
+    store: StateStore,
+    intent: UserIntent,
+    observer: Observer,
+    probes: Probes,
+    decision: Decision,
+    supervisor: Supervisor,
+    pid: Option<u32>,
+    worker: mpsc::UnboundedSender<WorkerMsg>,
+    events: broadcast::Sender<Event>,
+    last_published: Option<Status>,
+    started: SystemTime,
+    /// SIGTERM arrived: stop the tunnel, then exit.
+    shutting_down: bool,
+}
+
+/// Converts the observer's snapshot to what the rule engine reads.
+pub fn policy_view(s: &vane_observer::NetworkSnapshot) -> engine::NetworkSnapshot {
+    let primary = s.primary();
+    engine::NetworkSnapshot {
+        available: s.available,
+        interface: primary.map(|u| u.interface.clone()),
+        interface_type: primary.map(|u| u.kind),
+        ssid: primary.and_then(|u| u.ssid.clone()),
+        dns_search_domains: s.dns.search_domains.clone(),
+        dns_servers: s.dns.servers.clone(),
+    }
+}
+
+pub async fn run(options: Options) -> Result<()> {
+    let Options {
+        rules,
+        plan,
+        binary,
+        store,
+        intent,
+        listener,
+        group,
+        mut observer,
+    } = options;
+    observer.exclusions.ifnames.insert(plan.ifname.clone());
+    observer.interface_overrides = overrides(&rules);
+    let observer = Observer::start(observer)
+        .await
+        .context("cannot start the network observer")?;
+    let mut network_changes = observer.subscribe();
+
+    // A device left behind by a vaned that crashed: no tunnel can be
+    // serving it (they are vaned's children), so it goes.
+    if let Some(index) = crate::rtnl::link_index(&plan.ifname) {
+        warn!(interface = %plan.ifname, "removing the interface left by an earlier run");
+        if let Err(e) = crate::rtnl::delete_link(index) {
+            warn!("cannot remove it: {e}");
+        }
+    }
+
+    let (reports_tx, mut reports) = mpsc::unbounded_channel();
+    let (worker_tx, mut worker_rx) = mpsc::unbounded_channel::<WorkerMsg>();
+    let mut worker = Worker::new(plan.clone(), reports_tx);
+    let worker_task = tokio::spawn(async move {
+        while let Some(m) = worker_rx.recv().await {
+            match m {
+                WorkerMsg::Act(a) => worker.act(a).await,
+                WorkerMsg::Plan(p) => worker.set_plan(*p),
+            }
+        }
+        // The loop is gone: take the tunnel down with it.
+        worker.stop().await;
+    });
+
+    let (events, _) = broadcast::channel(64);
+    let (requests_tx, mut requests) = mpsc::channel::<control::Request>(64);
+    let shared = Arc::new(control::Shared {
+        requests: requests_tx,
+        events: events.clone(),
+        group,
+    });
+    let server = tokio::spawn(control::serve(listener, shared));
+
+    let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<()>();
+    let _watch = match vane_policy::reload::watch(rules.path(), move || {
+        let _ = reload_tx.send(());
+    }) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(
+                "cannot watch {}: {e}; reload with SIGHUP or `vanectl reload`",
+                rules.path().display()
+            );
+            None
+        }
+    };
+
+    let now = Instant::now();
+    let mut d = Daemon {
+        decision: engine::decide(
+            rules.rules(),
+            &policy_view(&observer.snapshot()),
+            &intent,
+            &Probes::new(),
+        ),
+        rules,
+        plan,
+        binary,
+        plan_error: None,
+        store,
+        intent,
+        observer,
+        probes: Probes::new(),
+        supervisor: Supervisor::new(now),
+        pid: None,
+        worker: worker_tx,
+        events,
+        last_published: None,
+        started: SystemTime::now(),
+        shutting_down: false,
+    };
+    d.evaluate();
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    info!("vaned ready");
+
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let watchdog = sd_notify::watchdog_enabled()
+        .map(|interval| (interval / 2).max(std::time::Duration::from_millis(100)));
+    let mut watchdog_tick =
+        tokio::time::interval(watchdog.unwrap_or(std::time::Duration::from_secs(3600)));
+
+    loop {
+        let timer = d.supervisor.timer();
+        tokio::select! {
+            change = network_changes.recv() => match change {
+                Ok(change) => {
+                    let _ = d.events.send(Event::Network { change });
+                    d.probes.clear();
+                    d.evaluate();
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => d.evaluate(),
+                Err(broadcast::error::RecvError::Closed) => {
+                    error!("the network observer stopped");
+                    break;
+                }
+            },
+            Some(request) = requests.recv() => {
+                let reply = d.handle(request.command);
+                let _ = request.reply.send(reply);
+            }
+            Some(report) = reports.recv() => d.report(report),
+            Some(()) = reload_rx.recv() => {
+                while reload_rx.try_recv().is_ok() {}
+                d.reload();
+            }
+            _ = sighup.recv() => { info!("SIGHUP: reloading the rules"); d.reload(); }
+            _ = sigterm.recv(), if !d.shutting_down => { info!("SIGTERM: shutting down"); d.shut_down(); }
+            _ = sigint.recv(), if !d.shutting_down => { info!("SIGINT: shutting down"); d.shut_down(); }
+            _ = async { tokio::time::sleep_until(timer.unwrap_or_else(Instant::now).into()).await }, if timer.is_some() => {
+                let actions = d.supervisor.timer_fired(Instant::now());
+                d.dispatch(actions);
+            }
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        }
+        if d.shutting_down && d.supervisor.state() == vane_ctl::proto::TunnelState::Down {
+            break;
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    server.abort();
+    drop(d);
+    // The worker stops the tunnel when its channel closes.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), worker_task).await;
+    Ok(())
+}
+
+fn overrides(rules: &RuleSource) -> Vec<(String, vane_policy::rules::InterfaceType)> {
+    rules
+        .rules()
+        .interfaces
+        .iter()
+        .map(|(p, t)| (p.text.clone(), *t))
+        .collect()
+}
+
+impl Daemon {
+    fn network(&self) -> engine::NetworkSnapshot {
+        policy_view(&self.observer.snapshot())
+    }
+
+    /// Decides again and moves the tunnel toward the decision.
+    fn evaluate(&mut self) {
+        let now = Instant::now();
+        let net = self.network();
+        let decision = engine::decide(self.rules.rules(), &net, &self.intent, &self.probes);
+        if decision.override_expired {
+            info!("the network changed: the manual override ends, the rules decide again");
+            let mut intent = self.intent.clone();
+            intent.manual = None;
+            if let Err(e) = self.store.save(&intent) {
+                error!("cannot save the state: {e}");
+            }
+            // In force either way: the override has expired.
+            self.intent = intent;
+        }
+        if decision != self.decision {
+            info!("decision: {decision}");
+        }
+        self.decision = decision;
+        if self.shutting_down {
+            return;
+        }
+        let actions = match self.decision.desired {
+            Desired::Up if self.plan_error.is_none() => self.supervisor.want(true, now),
+            Desired::Up => Vec::new(),
+            Desired::Down => self.supervisor.want(false, now),
+            Desired::Unchanged => Vec::new(),
+        };
+        self.dispatch(actions);
+    }
+
+    fn dispatch(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            if !matches!(a, Action::ArmTimer(_)) {
+                let _ = self.worker.send(WorkerMsg::Act(a));
+            }
+        }
+        self.publish();
+    }
+
+    fn report(&mut self, report: Report) {
+        let now = Instant::now();
+        let actions = match report {
+            Report::Started { generation, pid } => {
+                if generation == self.supervisor.generation() {
+                    self.pid = Some(pid);
+                }
+                self.supervisor.started(generation, now)
+            }
+            Report::Failed { generation, error } => {
+                if generation == self.supervisor.generation() {
+                    self.pid = None;
+                }
+                self.supervisor.failed(generation, error, now)
+            }
+            Report::Stopped => {
+                self.pid = None;
+                self.supervisor.stopped(now)
+            }
+        };
+        self.dispatch(actions);
+    }
+
+    fn shut_down(&mut self) {
+        self.shutting_down = true;
+        let actions = self.supervisor.want(false, Instant::now());
+        self.dispatch(actions);
+    }
+
+    /// Reads the rule file again and, with it, the tunnel's configuration.
+    fn reload(&mut self) -> ReloadOutcome {
+        let outcome = match self.rules.reload() {
+            Reloaded::Applied => ReloadOutcome::Applied,
+            Reloaded::Unchanged => ReloadOutcome::Unchanged,
+            Reloaded::Refused(e) => {
+                error!("the rule file was refused; the rules in force stay:\n{e}");
+                self.publish();
+                return ReloadOutcome::Refused;
+            }
+        };
+        self.observer
+            .set_interface_overrides(&overrides(&self.rules))
+            .unwrap_or_else(|e| {
+                error!("interface overrides: {e}");
+            });
+        self.replan();
+        self.evaluate();
+        outcome
+    }
+
+    /// Rebuilds the tunnel's plan from the rules' `[tunnel]` and its config
+    /// file. A changed plan restarts a running tunnel; a plan that cannot
+    /// be built keeps the old one running and is reported.
+    fn replan(&mut self) {
+        let rules = Arc::clone(self.rules.rules());
+        match plan::build(&rules.tunnel, self.rules.path(), self.binary.clone()) {
+            Ok(new) => {
+                self.plan_error = None;
+                if !plan::same(&new, &self.plan) {
+                    if new.ifname != self.plan.ifname {
+                        let mut ex = Exclusions::default();
+                        ex.ifnames.insert(new.ifname.clone());
+                        self.observer.set_exclusions(ex);
+                    }
+                    let restart =
+                        !matches!(self.supervisor.state(), vane_ctl::proto::TunnelState::Down);
+                    let now = Instant::now();
+                    let mut actions = Vec::new();
+                    if restart {
+                        info!("the tunnel's configuration changed: restarting it");
+                        actions = self.supervisor.want(false, now);
+                    }
+                    // The old plan stops the old tunnel; the new one starts.
+                    for a in actions {
+                        let _ = self.worker.send(WorkerMsg::Act(a));
+                    }
+                    let _ = self.worker.send(WorkerMsg::Plan(Box::new(new.clone())));
+                    self.plan = new;
+                }
+            }
+            Err(e) => {
+                error!("the tunnel's configuration was refused; the one in force stays: {e}");
+                self.plan_error = Some(e.to_string());
+            }
+        }
+    }
+
+    fn set_intent(&mut self, intent: UserIntent) -> Result<(), ProtoError> {
+        self.store.save(&intent).map_err(|e| ProtoError {
+            code: ErrorCode::Failed,
+            message: format!("cannot persist the change, nothing changed: {e}"),
+        })?;
+        self.intent = intent;
+        self.evaluate();
+        Ok(())
+    }
+
+    fn handle(&mut self, command: Command) -> Result<Reply, ProtoError> {
+        let manual = |want| ManualIntent {
+            want,
+            network: self.network().identity(),
+        };
+        match command {
+            Command::Watch {} => Ok(Reply::Watching),
+            Command::Status {} => Ok(Reply::Status(self.status())),
+            Command::Network {} => Ok(Reply::Network {
+                network: NetworkView::from(&self.observer.snapshot()),
+            }),
+            Command::Up {} | Command::Down {} => {
+                let want = if command == (Command::Up {}) {
+                    Manual::Up
+                } else {
+                    Manual::Down
+                };
+                let mut intent = self.intent.clone();
+                intent.manual = Some(manual(want));
+                self.set_intent(intent)?;
+                Ok(Reply::Status(self.status()))
+            }
+            Command::Resume {} => {
+                let mut intent = self.intent.clone();
+                intent.manual = None;
+                self.set_intent(intent)?;
+                Ok(Reply::Status(self.status()))
+            }
+            Command::OnDemand { enabled } => {
+                let mut intent = self.intent.clone();
+                intent.on_demand_disabled = !enabled;
+                self.set_intent(intent)?;
+                Ok(Reply::Status(self.status()))
+            }
+            Command::Reload {} => {
+                let outcome = self.reload();
+                Ok(Reply::Reloaded {
+                    outcome,
+                    status: self.status(),
+                })
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let now = Instant::now();
+        let since = SystemTime::now()
+            .checked_sub(now.saturating_duration_since(self.supervisor.since()))
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let rules = self.rules.rules();
+        Status {
+            tunnel: TunnelStatus {
+                interface: self.plan.ifname.clone(),
+                state: self.supervisor.state(),
+                since: unix_secs(since),
+                pid: self.pid,
+                restarts: self.supervisor.restarts(),
+                last_error: self
+                    .plan_error
+                    .clone()
+                    .or_else(|| self.supervisor.last_error().map(str::to_owned)),
+                listen_port: None,
+                peers: Vec::new(),
+            },
+            decision: DecisionView {
+                desired: self.decision.desired,
+                action: self.decision.action,
+                rule: self.decision.rule,
+                reason: self.decision.to_string(),
+                detail: self.decision.reason.clone(),
+                probes_needed: self.decision.probes_needed.clone(),
+            },
+            network: NetworkView::from(&self.observer.snapshot()),
+            intent: IntentView {
+                on_demand: rules.on_demand && !self.intent.on_demand_disabled,
+                persisted: self.intent.clone(),
+            },
+            rules: RulesView {
+                file: self.rules.path().display().to_string(),
+                rules: rules.rules.len(),
+                refused: self.rules.last_refusal().map(|r| r.error.to_string()),
+            },
+            daemon: DaemonView {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                pid: std::process::id(),
+                started: unix_secs(self.started),
+            },
+        }
+    }
+
+    /// Tells watchers (and systemd) when the status changed.
+    fn publish(&mut self) {
+        let status = self.status();
+        let changed = self.last_published.as_ref().is_none_or(|last| {
+            last.tunnel != status.tunnel
+                || last.decision != status.decision
+                || last.intent != status.intent
+                || last.rules != status.rules
+        });
+        if changed {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&format!(
+                "tunnel {}; {}",
+                status.tunnel.state, status.decision.reason
+            ))]);
+            let _ = self.events.send(Event::Status {
+                status: status.clone(),
+            });
+            self.last_published = Some(status);
+        }
+    }
+}

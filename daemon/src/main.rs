@@ -1,0 +1,205 @@
+//! vaned: vane's policy daemon.
+//!
+//! `vaned --config /etc/vane/vane.toml` observes the underlying network,
+//! decides by the on-demand rules and the user's intent whether the tunnel
+//! should be up, and supervises a `vane-tunnel` process accordingly. It is
+//! controlled through the socket `/run/vane/vaned.sock` (see `vanectl`).
+//!
+//! Exit status: 0 after a clean stop (SIGTERM, SIGINT); 2 when the rule
+//! file or the tunnel's configuration is refused at start; 1 for a runtime
+//! failure.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use clap::Parser;
+use tracing::warn;
+use vane_observer::ObserverConfig;
+use vane_policy::reload::RuleSource;
+
+mod control;
+mod daemon;
+mod plan;
+mod rtnl;
+mod state;
+mod supervisor;
+mod tunnel;
+mod uapi_client;
+
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vaned",
+    version,
+    about = "vane's policy daemon: on-demand rules, network observer, tunnel supervisor"
+)]
+struct Args {
+    /// The rule file (TOML: [tunnel], [on_demand], [interfaces]).
+    #[arg(
+        short,
+        long,
+        value_name = "FILE",
+        default_value = "/etc/vane/vane.toml"
+    )]
+    config: PathBuf,
+    /// Directory of the control socket.
+    #[arg(long, value_name = "DIR", default_value = "/run/vane")]
+    runtime_dir: PathBuf,
+    /// Directory of the persisted user intent (state.json).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/vane")]
+    state_dir: PathBuf,
+    /// The control socket's permissions (octal). 660: only root and the
+    /// group may connect; 666: anyone may read, only root and the group
+    /// may change state.
+    #[arg(long, value_name = "MODE", default_value = "660", value_parser = parse_mode)]
+    socket_mode: u32,
+    /// The group whose members may change state (and, with mode 660,
+    /// connect at all). Without such a group, only root may.
+    #[arg(long, value_name = "GROUP", default_value = "vane")]
+    socket_group: String,
+    /// The vane-tunnel binary (default: next to vaned). Read from disk at
+    /// every start, so a replaced binary is the one that runs next.
+    #[arg(long, value_name = "PATH")]
+    tunnel_binary: Option<PathBuf>,
+    /// A file naming the SSID of each Wi-Fi interface, for hosts without
+    /// nl80211 (see observer/README.md).
+    #[arg(long, value_name = "FILE")]
+    ssid_file: Option<PathBuf>,
+    /// resolv.conf of the underlying network.
+    #[arg(long, value_name = "FILE", default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
+    /// The sysfs root (interface types are read from it).
+    #[arg(long, value_name = "DIR", default_value = "/sys", hide = true)]
+    sysfs: PathBuf,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("{s:?} is not an octal mode like 660")),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging();
+    let rules = match RuleSource::load(&args.config) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("vaned: {} refused", args.config.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let binary = args.tunnel_binary.clone().unwrap_or_else(default_binary);
+    let plan = match plan::build(&rules.rules().tunnel, &args.config, binary.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("vaned: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Err(e) = vane_tunnel::uapi_server::validate_ifname(&plan.ifname) {
+        eprintln!("vaned: {}: [tunnel] interface: {e}", args.config.display());
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vaned: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(start(args, rules, plan, binary)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vaned: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn default_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("vane-tunnel")))
+        .unwrap_or_else(|| PathBuf::from("vane-tunnel"))
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("VANE_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn make_dir(dir: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
+}
+
+async fn start(args: Args, rules: RuleSource, plan: tunnel::Plan, binary: PathBuf) -> Result<()> {
+    make_dir(&args.runtime_dir, 0o755)?;
+    make_dir(&args.state_dir, 0o755)?;
+    let store = state::StateStore::new(&args.state_dir);
+    let intent = match store.load() {
+        Ok(i) => i,
+        Err(e) => {
+            // Atomic writes make this someone else's file or a disk fault;
+            // keep it for inspection and start from the defaults.
+            warn!("{e}; starting with the default intent");
+            if let Ok(bad) = store.set_aside() {
+                warn!("the unreadable state was moved to {}", bad.display());
+            }
+            Default::default()
+        }
+    };
+    let group = match nix::unistd::Group::from_name(&args.socket_group) {
+        Ok(Some(g)) => Some(g.gid.as_raw()),
+        _ => {
+            warn!(
+                "group {:?} does not exist: only root may change state",
+                args.socket_group
+            );
+            None
+        }
+    };
+    let socket = args.runtime_dir.join("vaned.sock");
+    let listener = control::bind(&socket, args.socket_mode, group)
+        .with_context(|| format!("control socket {}", socket.display()))?;
+    let observer = ObserverConfig {
+        sysfs_root: args.sysfs.clone(),
+        ssid_file: args.ssid_file.clone(),
+        resolv_conf: Some(args.resolv_conf.clone()),
+        ..ObserverConfig::default()
+    };
+    let result = daemon::run(daemon::Options {
+        rules,
+        plan,
+        binary,
+        store,
+        intent,
+        listener,
+        group,
+        observer,
+    })
+    .await;
+    let _ = std::fs::remove_file(&socket);
+    result
+}

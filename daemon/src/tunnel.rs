@@ -1,0 +1,323 @@
+//! The tunnel's I/O shell: the persistent TUN device, its addresses and
+//! routes, the UDP socket, and the `vane-tunnel` process. It carries out
+//! the supervisor's actions one at a time and reports what happened.
+//!
+//! The device and the socket are vaned's: the device is persistent (it
+//! outlives any tunnel process, with its addresses and routes), and vaned
+//! keeps the socket open across tunnel restarts, so a restarted tunnel
+//! gets the very same socket (same port, same mark) as a descriptor. The
+//! tunnel process attaches to the device by name (see vane_tunnel::tun for
+//! why not by descriptor) and runs with no capabilities at all.
+
+use std::io;
+use std::net::UdpSocket;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+use vane_tunnel::model::DeviceConfig;
+
+use crate::rtnl;
+use crate::supervisor::Action;
+use crate::uapi_client;
+
+/// The descriptor number the UDP socket has in the tunnel process.
+const UDP_FD: i32 = 3;
+/// How long a tunnel process gets to come up and answer.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a tunnel process gets to stop after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+const MAIN_TABLE: u32 = 254;
+
+/// Everything needed to bring the tunnel up.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub ifname: String,
+    pub mtu: u16,
+    pub addresses: Vec<IpNet>,
+    /// Routes through the tunnel in the main table (the peers' AllowedIPs).
+    pub routes: Vec<IpNet>,
+    pub device: DeviceConfig,
+    pub binary: PathBuf,
+}
+
+/// What the worker reports.
+#[derive(Debug)]
+pub enum Report {
+    Started { generation: u64, pid: u32 },
+    Failed { generation: u64, error: String },
+    Stopped,
+}
+
+/// A running tunnel process, watched by a task that reports its exit.
+struct Running {
+    pid: u32,
+    /// Tells the watcher the exit is expected (no failure report).
+    expect_exit: Option<oneshot::Sender<()>>,
+    /// Becomes true when the process has exited.
+    exited: watch::Receiver<bool>,
+}
+
+pub struct Worker {
+    plan: Plan,
+    socket: Option<UdpSocket>,
+    running: Option<Running>,
+    reports: mpsc::UnboundedSender<Report>,
+}
+
+impl Worker {
+    pub fn new(plan: Plan, reports: mpsc::UnboundedSender<Report>) -> Worker {
+        Worker {
+            plan,
+            socket: None,
+            running: None,
+            reports,
+        }
+    }
+
+    /// A new plan (the configuration changed); used from the next start.
+    pub fn set_plan(&mut self, plan: Plan) {
+        self.plan = plan;
+    }
+
+    /// Carries out one action.
+    pub async fn act(&mut self, action: Action) {
+        match action {
+            Action::Start { generation } => {
+                let report = match self.start(generation).await {
+                    Ok(pid) => Report::Started { generation, pid },
+                    Err(e) => {
+                        warn!(interface = %self.plan.ifname, "tunnel start failed: {e:#}");
+                        self.kill().await;
+                        Report::Failed {
+                            generation,
+                            error: format!("{e:#}"),
+                        }
+                    }
+                };
+                let _ = self.reports.send(report);
+            }
+            Action::Stop => {
+                self.stop().await;
+                let _ = self.reports.send(Report::Stopped);
+            }
+            Action::ArmTimer(_) => {}
+        }
+    }
+
+    async fn start(&mut self, generation: u64) -> anyhow::Result<u32> {
+        use anyhow::Context as _;
+        // A process of an older generation (it failed) must be gone first.
+        self.kill().await;
+        let index = self.ensure_device().context("setting up the interface")?;
+        let socket = match &self.socket {
+            Some(s) => s,
+            None => {
+                let s = vane_tunnel::device::bind_udp_std(
+                    self.plan.device.listen_port,
+                    self.plan.device.fwmark,
+                )
+                .with_context(|| {
+                    format!("cannot bind UDP port {}", self.plan.device.listen_port)
+                })?;
+                self.socket.insert(s)
+            }
+        };
+        let port = socket.local_addr()?.port();
+        let child = spawn(&self.plan, socket).context("cannot start vane-tunnel")?;
+        let pid = child.id().unwrap_or(0);
+        info!(interface = %self.plan.ifname, pid, generation, ifindex = index, "tunnel process started");
+        let (expect_tx, expect_rx) = oneshot::channel();
+        let (exited_tx, exited_rx) = watch::channel(false);
+        let reports = self.reports.clone();
+        tokio::spawn(watch_child(
+            child, generation, expect_rx, exited_tx, reports,
+        ));
+        self.running = Some(Running {
+            pid,
+            expect_exit: Some(expect_tx),
+            exited: exited_rx,
+        });
+        let path = uapi_client::socket_path(&self.plan.ifname);
+        let mut config = self.plan.device.clone();
+        config.listen_port = port;
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            if self.running.as_ref().is_some_and(|r| *r.exited.borrow()) {
+                anyhow::bail!("vane-tunnel exited while starting");
+            }
+            match uapi_client::get(&path, Duration::from_secs(1)).await {
+                Ok(_) => break,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    anyhow::bail!("vane-tunnel did not answer on {}: {e}", path.display())
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        uapi_client::set(&path, &config)
+            .await
+            .context("configuring the tunnel")?;
+        Ok(pid)
+    }
+
+    /// Creates the persistent device when it does not exist, and makes its
+    /// addresses, link state and routes what the plan says (idempotent:
+    /// a device left by an earlier vaned is reused).
+    fn ensure_device(&self) -> io::Result<u32> {
+        let plan = &self.plan;
+        let index = match rtnl::link_index(&plan.ifname) {
+            Some(i) => i,
+            None => {
+                // Owned by our uid: the tunnel runs as it, without
+                // capabilities, and attaches by name.
+                vane_tunnel::tun::create_persistent(
+                    &plan.ifname,
+                    plan.mtu,
+                    nix::unistd::geteuid().as_raw(),
+                )
+                .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", plan.ifname)))?;
+                rtnl::link_index(&plan.ifname)
+                    .ok_or_else(|| io::Error::other("the device vanished after creation"))?
+            }
+        };
+        for a in &plan.addresses {
+            rtnl::add_address(index, *a)
+                .map_err(|e| io::Error::new(e.kind(), format!("address {a}: {e}")))?;
+        }
+        rtnl::set_up(index).map_err(|e| io::Error::new(e.kind(), format!("link up: {e}")))?;
+        for r in &plan.routes {
+            rtnl::add_route(index, *r, MAIN_TABLE)
+                .map_err(|e| io::Error::new(e.kind(), format!("route {r}: {e}")))?;
+        }
+        Ok(index)
+    }
+
+    /// Stops the tunnel process, if any: SIGTERM, then SIGKILL.
+    async fn kill(&mut self) {
+        let Some(mut running) = self.running.take() else {
+            return;
+        };
+        if let Some(tx) = running.expect_exit.take() {
+            let _ = tx.send(());
+        }
+        let pid = nix::unistd::Pid::from_raw(running.pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        if tokio::time::timeout(STOP_TIMEOUT, running.exited.wait_for(|e| *e))
+            .await
+            .is_err()
+        {
+            warn!(pid = running.pid, "tunnel process ignored SIGTERM; SIGKILL");
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = tokio::time::timeout(STOP_TIMEOUT, running.exited.wait_for(|e| *e)).await;
+        }
+    }
+
+    /// Takes everything down: the process, the device (its routes and
+    /// addresses go with it) and the socket.
+    pub async fn stop(&mut self) {
+        self.kill().await;
+        if let Some(index) = rtnl::link_index(&self.plan.ifname) {
+            if let Err(e) = rtnl::delete_link(index) {
+                warn!(interface = %self.plan.ifname, "cannot delete the interface: {e}");
+            }
+        }
+        self.socket = None;
+        debug!(interface = %self.plan.ifname, "tunnel down");
+    }
+}
+
+/// Starts `vane-tunnel --foreground IFNAME --attach --udp-fd 3` with the
+/// socket as descriptor 3 and no capabilities: the bounding set emptied,
+/// SECBIT_NOROOT so uid 0 gains none at exec, and no_new_privs.
+fn spawn(plan: &Plan, socket: &UdpSocket) -> io::Result<Child> {
+    let fd: OwnedFd = socket.try_clone()?.into();
+    let mut cmd = Command::new(&plan.binary);
+    cmd.arg("--foreground")
+        .arg(&plan.ifname)
+        .arg("--attach")
+        .arg("--udp-fd")
+        .arg(UDP_FD.to_string())
+        .stdin(Stdio::null())
+        .kill_on_drop(false);
+    let raw = fd.as_raw_fd();
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // makes async-signal-safe system calls (dup2, fcntl, prctl).
+    unsafe {
+        cmd.pre_exec(move || {
+            if raw == UDP_FD {
+                let flags = libc::fcntl(raw, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(raw, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, UDP_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            drop_privileges()
+        });
+    }
+    let child = cmd.spawn();
+    drop(fd);
+    child
+}
+
+/// In the child before exec: no capability can survive the exec.
+fn drop_privileges() -> io::Result<()> {
+    const SECBIT_NOROOT: libc::c_ulong = 1 << 0;
+    const SECBIT_NOROOT_LOCKED: libc::c_ulong = 1 << 1;
+    const SECBIT_NO_SETUID_FIXUP: libc::c_ulong = 1 << 2;
+    const SECBIT_NO_SETUID_FIXUP_LOCKED: libc::c_ulong = 1 << 3;
+    // SAFETY: plain prctl calls with integer arguments.
+    unsafe {
+        for cap in 0..64 {
+            // EINVAL past the last capability the kernel knows: done.
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) < 0 {
+                if io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                    break;
+                }
+                return Err(io::Error::last_os_error());
+            }
+        }
+        if libc::prctl(
+            libc::PR_SET_SECUREBITS,
+            SECBIT_NOROOT
+                | SECBIT_NOROOT_LOCKED
+                | SECBIT_NO_SETUID_FIXUP
+                | SECBIT_NO_SETUID_FIXUP_LOCKED,
+            0,
+            0,
+            0,
+        ) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+async fn watch_child(
+    mut child: Child,
+    generation: u64,
+    mut expected: oneshot::Receiver<()>,
+    exited: watch::Sender<bool>,
+    reports: mpsc::UnboundedSender<Report>,
+) {
+    let status = child.wait().await;
+    exited.send_replace(true);
+    if expected.try_recv().is_ok() {
+        return;
+    }
+    let error = match status {
+        Ok(s) => format!("vane-tunnel exited ({s})"),
+        Err(e) => format!("cannot wait for vane-tunnel: {e}"),
+    };
+    warn!(generation, "{error}");
+    let _ = reports.send(Report::Failed { generation, error });
+}
