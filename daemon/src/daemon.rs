@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{broadcast, mpsc};
 use tracing::{error, info, warn};
-use vane_ctl::proto::Command;
+use vane_ctl::proto::{Command, TunnelState};
 use vane_ctl::proto::{
     DaemonView, DecisionView, ErrorCode, Event, IntentView, NetworkView, ProtoError, ReloadOutcome,
     Reply, RulesView, Status, TunnelStatus,
@@ -64,6 +64,8 @@ struct Daemon {
     started: SystemTime,
     /// SIGTERM arrived: stop the tunnel, then exit.
     shutting_down: bool,
+    /// Replies to commands that wait for the tunnel to settle.
+    parked: Vec<tokio::sync::oneshot::Sender<Result<Reply, ProtoError>>>,
 }
 
 /// Converts the observer's snapshot to what the rule engine reads.
@@ -166,6 +168,7 @@ pub async fn run(options: Options) -> Result<()> {
         last_published: None,
         started: SystemTime::now(),
         shutting_down: false,
+        parked: Vec::new(),
     };
     d.evaluate();
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -195,8 +198,15 @@ pub async fn run(options: Options) -> Result<()> {
                 }
             },
             Some(request) = requests.recv() => {
+                let mutates = request.command.mutates();
                 let reply = d.handle(request.command);
-                let _ = request.reply.send(reply);
+                if mutates && reply.is_ok() && d.settling() {
+                    // Answered once the tunnel has reached where it is going,
+                    // so `vanectl down` returns with the tunnel down.
+                    d.parked.push(request.reply);
+                } else {
+                    let _ = request.reply.send(reply);
+                }
             }
             Some(report) = reports.recv() => d.report(report),
             Some(()) = reload_rx.recv() => {
@@ -214,7 +224,7 @@ pub async fn run(options: Options) -> Result<()> {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             }
         }
-        if d.shutting_down && d.supervisor.state() == vane_ctl::proto::TunnelState::Down {
+        if d.shutting_down && d.supervisor.state() == TunnelState::Down {
             break;
         }
     }
@@ -344,8 +354,7 @@ impl Daemon {
                         ex.ifnames.insert(new.ifname.clone());
                         self.observer.set_exclusions(ex);
                     }
-                    let restart =
-                        !matches!(self.supervisor.state(), vane_ctl::proto::TunnelState::Down);
+                    let restart = !matches!(self.supervisor.state(), TunnelState::Down);
                     let now = Instant::now();
                     let mut actions = Vec::new();
                     if restart {
@@ -468,8 +477,21 @@ impl Daemon {
     }
 
     /// Tells watchers (and systemd) when the status changed.
+    /// Whether the tunnel is on its way up or down.
+    fn settling(&self) -> bool {
+        matches!(
+            self.supervisor.state(),
+            TunnelState::Starting | TunnelState::Stopping
+        )
+    }
+
     fn publish(&mut self) {
         let status = self.status();
+        if !self.settling() {
+            for reply in self.parked.drain(..) {
+                let _ = reply.send(Ok(Reply::Status(status.clone())));
+            }
+        }
         let changed = self.last_published.as_ref().is_none_or(|last| {
             last.tunnel != status.tunnel
                 || last.decision != status.decision

@@ -201,7 +201,8 @@ mod tests {
         let mut before = config();
         before.listen_port = 1;
         let body = format_set(&want);
-        let got = uapi::apply_set(&before, body.strip_prefix("set=1\n").unwrap().trim_end()).unwrap();
+        let got =
+            uapi::apply_set(&before, body.strip_prefix("set=1\n").unwrap().trim_end()).unwrap();
         assert_eq!(got, want);
     }
 

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod vaned;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A fresh short unique tag: `vt<pid%10000>x<n>`.
@@ -255,7 +257,7 @@ pub struct Proc {
     what: String,
     /// Files the process owns (its userspace API socket), removed once it
     /// is gone in case it could not remove them itself (SIGKILL).
-    owned: Vec<PathBuf>,
+    pub owned: Vec<PathBuf>,
 }
 
 impl Proc {

@@ -1,0 +1,265 @@
+//! Harness for vaned: a namespace whose uplink is a veth to a second
+//! namespace running Debian's wireguard-go as the VPN server, vaned in the
+//! first one with a rule file and tunnel configuration written by the test,
+//! and vanectl to talk to it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::{
+    start_wireguard_go, uapi_socket, unique, wait_until, wg_set, Keys, Pair, Proc, TempDir,
+};
+
+fn bin(env: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/debug")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} does not exist: run `cargo build --bins` first, or set {env}",
+        p.display()
+    );
+    p
+}
+
+pub fn vaned_bin() -> PathBuf {
+    bin("VANED", "vaned")
+}
+
+pub fn vanectl_bin() -> PathBuf {
+    bin("VANECTL", "vanectl")
+}
+
+/// The tunnel's inner addresses: vane is .1, the server .2.
+pub const VANE_INNER: &str = "10.99.0.1";
+pub const SERVER_INNER: &str = "10.99.0.2";
+
+/// A lab: `pair.a` is the client host (vaned), `pair.b` the VPN server.
+pub struct Lab {
+    pub pair: Pair,
+    pub dir: TempDir,
+    pub server: Proc,
+    pub server_if: String,
+    pub ifname: String,
+    pub keys: Keys,
+    pub server_keys: Keys,
+    pub rules: PathBuf,
+    pub ssid_file: PathBuf,
+    pub resolv_conf: PathBuf,
+}
+
+impl Lab {
+    /// The namespaces, the server, and the files; vaned is not started.
+    /// `rules` is the rule file after its `[tunnel]` section (which the lab
+    /// writes).
+    pub fn new(rules: &str) -> Result<Lab> {
+        crate::require_root();
+        let pair = Pair::new()?;
+        pair.a
+            .ip(&["route", "add", "default", "via", "192.0.2.2"])?;
+        let dir = TempDir::new()?;
+        let keys = Keys::new()?;
+        let server_keys = Keys::new()?;
+        let server_if = unique("s");
+        let ifname = unique("v");
+        let mut server = start_wireguard_go(&pair.b, &server_if)?;
+        wg_set(
+            &pair.b,
+            &server_if,
+            &server_keys,
+            &dir,
+            &[
+                "listen-port",
+                "51820",
+                "peer",
+                &keys.public,
+                "allowed-ips",
+                "10.99.0.1/32,fd99::1/128",
+            ],
+        )?;
+        pair.b
+            .ip(&["addr", "add", "10.99.0.2/24", "dev", &server_if])?;
+        pair.b
+            .ip(&["addr", "add", "fd99::2/64", "dev", &server_if, "nodad"])?;
+        pair.b
+            .ip(&["link", "set", &server_if, "mtu", "1420", "up"])?;
+        if server.try_wait().is_some() {
+            bail!("wireguard-go exited:\n{}", server.log());
+        }
+        let conf = dir.write(
+            "vane0.conf",
+            &format!(
+                "[Interface]\nPrivateKey = {}\nListenPort = 51820\nAddress = 10.99.0.1/24, fd99::1/64\n\n\
+                 [Peer]\nPublicKey = {}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 10.99.0.2/32, fd99::2/128\nPersistentKeepalive = 25\n",
+                keys.private, server_keys.public
+            ),
+        )?;
+        let ssid_file = dir.path().join("ssids");
+        let resolv_conf = dir.write("resolv.conf", "nameserver 192.0.2.53\n")?;
+        let rules_path = dir.path().join("vane.toml");
+        let lab = Lab {
+            rules: rules_path,
+            pair,
+            dir,
+            server,
+            server_if,
+            ifname,
+            keys,
+            server_keys,
+            ssid_file,
+            resolv_conf,
+        };
+        lab.write_rules(&format!(
+            "[tunnel]\ninterface = \"{}\"\nconfig = \"{}\"\n\n{rules}",
+            lab.ifname,
+            conf.display()
+        ))?;
+        Ok(lab)
+    }
+
+    /// Replaces the rule file the way editors do: a new file renamed over
+    /// the old one.
+    pub fn write_rules(&self, text: &str) -> Result<()> {
+        let tmp = self.dir.path().join(".vane.toml.new");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &self.rules)?;
+        Ok(())
+    }
+
+    pub fn rules_text(&self) -> String {
+        std::fs::read_to_string(&self.rules).unwrap_or_default()
+    }
+
+    /// Writes the SSID file (rename-replace).
+    pub fn set_ssid(&self, line: &str) -> Result<()> {
+        let tmp = self.dir.path().join(".ssids.new");
+        std::fs::write(&tmp, line)?;
+        std::fs::rename(&tmp, &self.ssid_file)?;
+        Ok(())
+    }
+
+    /// Starts vaned in the client namespace and waits until it answers.
+    pub fn start_vaned(&self, extra: &[&str]) -> Result<Vaned> {
+        let run = self.dir.path().join("run");
+        let state = self.dir.path().join("state");
+        let mut args: Vec<String> = vec![
+            "--config".into(),
+            self.rules.display().to_string(),
+            "--runtime-dir".into(),
+            run.display().to_string(),
+            "--state-dir".into(),
+            state.display().to_string(),
+            "--tunnel-binary".into(),
+            crate::vane_tunnel_bin().display().to_string(),
+            "--ssid-file".into(),
+            self.ssid_file.display().to_string(),
+            "--resolv-conf".into(),
+            self.resolv_conf.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut proc_ = self.pair.a.spawn(
+            &vaned_bin().to_string_lossy(),
+            &args,
+            &[("VANE_LOG", "debug")],
+        )?;
+        proc_.owned.push(uapi_socket(&self.ifname));
+        let v = Vaned {
+            proc_,
+            socket: run.join("vaned.sock"),
+            state_file: state.join("state.json"),
+            ifname: self.ifname.clone(),
+        };
+        let mut v = v;
+        let socket = v.socket.clone();
+        let r = wait_until(Duration::from_secs(10), "vaned's control socket", || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok() || v.proc_.try_wait().is_some()
+        });
+        if let Some(status) = v.proc_.try_wait() {
+            bail!("vaned exited ({status}):\n{}", v.proc_.log());
+        }
+        r?;
+        Ok(v)
+    }
+}
+
+pub struct Vaned {
+    pub proc_: Proc,
+    pub socket: PathBuf,
+    pub state_file: PathBuf,
+    pub ifname: String,
+}
+
+impl Vaned {
+    /// `vanectl --socket S ARGS` as root.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_cmd(Command::new(vanectl_bin()), args)
+    }
+
+    /// `vanectl` through a prefix command (`setpriv ...` for another uid).
+    pub fn ctl_cmd(&self, mut cmd: Command, args: &[&str]) -> Output {
+        cmd.arg("--socket").arg(&self.socket).args(args);
+        cmd.output().expect("run vanectl")
+    }
+
+    /// `vanectl status --json`.
+    pub fn status(&self) -> Result<Value> {
+        let o = self.ctl(&["status", "--json"]);
+        if !o.status.success() {
+            bail!(
+                "vanectl status failed ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        serde_json::from_slice(&o.stdout).context("status JSON")
+    }
+
+    /// Waits until `tunnel.state` is `state`.
+    pub fn wait_state(&self, state: &str, timeout: Duration) -> Result<Value> {
+        let mut last = Value::Null;
+        let r = wait_until(timeout, &format!("tunnel state {state}"), || {
+            match self.status() {
+                Ok(s) => {
+                    let hit = s["tunnel"]["state"] == state;
+                    last = s;
+                    hit
+                }
+                Err(_) => false,
+            }
+        });
+        match r {
+            Ok(()) => Ok(last),
+            Err(e) => bail!(
+                "{e}; last status: {last:#}\nvaned log:\n{}",
+                self.proc_.log()
+            ),
+        }
+    }
+
+    /// The tunnel process's pid, from the status.
+    pub fn tunnel_pid(&self) -> Result<u32> {
+        let s = self.status()?;
+        s["tunnel"]["pid"]
+            .as_u64()
+            .map(|p| p as u32)
+            .context("no tunnel pid in the status")
+    }
+}
+
+/// Stdout and stderr of an Output as text, for messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
