@@ -204,3 +204,40 @@ fn genkey_and_pubkey_speak_wg_text() {
     // A generated key has a public key.
     assert!(pubkey(&key).status.success());
 }
+
+#[test]
+fn the_packaged_default_config_is_valid() {
+    // packaging/vane.toml becomes /etc/vane/vane.toml in the Debian package.
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/vane.toml");
+    let p = p.to_str().unwrap();
+    let o = vanectl(&["rules", "check", "--json", p]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["rules"], 4);
+    let o = vanectl(&["rules", "check", p]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout(&o).contains("on-demand enabled, tunnel vane0"),
+        "{}",
+        stdout(&o)
+    );
+    // vaned refuses a full tunnel for now: the default must not ask for one.
+    let text = std::fs::read_to_string(p).unwrap();
+    assert!(text.contains("\ninclude_all_networks = false"));
+    assert!(text.contains("\nconfig = \"/etc/vane/vane0.conf\""));
+
+    // Worked through: trusted Wi-Fi, any other Wi-Fi, cellular by name,
+    // ethernet.
+    let decide = |args: &[&str]| {
+        let mut a = vec!["rules", "test", p];
+        a.extend_from_slice(args);
+        stdout(&vanectl(&a))
+    };
+    assert!(decide(&["--interface", "wifi", "--ssid", "HomeNet"]).starts_with("down: rule 1"));
+    assert!(decide(&["--interface", "wifi", "--ssid", "Office-2F"]).starts_with("down: rule 1"));
+    assert!(decide(&["--interface", "wifi", "--ssid", "CafeWiFi"]).starts_with("up: rule 2"));
+    assert!(decide(&["--name", "wwan0"]).starts_with("up: rule 2"));
+    assert!(decide(&["--interface", "ethernet"]).starts_with("unchanged: rule 3"));
+    assert!(decide(&["--interface", "other"]).starts_with("unchanged: rule 4"));
+}
