@@ -99,8 +99,9 @@ pub async fn run(options: Options) -> Result<()> {
         .context("cannot start the network observer")?;
     let mut network_changes = observer.subscribe();
 
-    // A device left behind by a vaned that crashed: no tunnel can be
-    // serving it (they are vaned's children), so it goes.
+    // A tunnel process and device left behind by a vaned that crashed:
+    // they go, and the rules decide afresh.
+    crate::tunnel::stop_orphan(&plan.ifname).await;
     if let Some(index) = crate::rtnl::link_index(&plan.ifname) {
         warn!(interface = %plan.ifname, "removing the interface left by an earlier run");
         if let Err(e) = crate::rtnl::delete_link(index) {

@@ -321,3 +321,39 @@ async fn watch_child(
     warn!(generation, "{error}");
     let _ = reports.send(Report::Failed { generation, error });
 }
+
+/// A tunnel process left running by a vaned that died (its children
+/// outlive it): found by its userspace API socket, identified by the
+/// socket's peer credentials, and stopped, so the new vaned starts from a
+/// clean slate. (Adopting it instead is the replacement work.)
+pub async fn stop_orphan(ifname: &str) {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let path = uapi_client::socket_path(ifname);
+    let Ok(stream) = std::os::unix::net::UnixStream::connect(&path) else {
+        return;
+    };
+    let Ok(cred) = getsockopt(&stream, PeerCredentials) else {
+        return;
+    };
+    drop(stream);
+    let pid = nix::unistd::Pid::from_raw(cred.pid());
+    warn!(interface = %ifname, pid = cred.pid(), "stopping the tunnel process left by an earlier vaned");
+    let gone = || std::os::unix::net::UnixStream::connect(&path).is_err();
+    for signal in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGKILL,
+    ] {
+        let _ = nix::sys::signal::kill(pid, signal);
+        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+        while !gone() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if gone() {
+            break;
+        }
+    }
+    // A SIGKILLed tunnel could not remove its socket.
+    if gone() {
+        let _ = std::fs::remove_file(&path);
+    }
+}

@@ -86,7 +86,10 @@ fn bad_configuration_exits_2_naming_file_line_and_column_and_creates_nothing() {
             wg_line.display()
         ),
     );
-    refused(&vaned(&bad_wg, dir.path()), "wg2.conf:6: unknown key AllowedIP");
+    refused(
+        &vaned(&bad_wg, dir.path()),
+        "wg2.conf:6: unknown key AllowedIP",
+    );
 
     // Nothing was started: no runtime directory, no state.
     assert!(!dir.path().join("run").exists());

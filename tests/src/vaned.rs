@@ -64,6 +64,11 @@ impl Lab {
         let pair = Pair::new()?;
         pair.a
             .ip(&["route", "add", "default", "via", "192.0.2.2"])?;
+        // The server's inner addresses are reachable through the tunnel
+        // only (its own, more specific routes win when it is up), never
+        // over the underlay by the default route.
+        pair.a
+            .ip(&["route", "add", "unreachable", "10.99.0.0/16"])?;
         let dir = TempDir::new()?;
         let keys = Keys::new()?;
         let server_keys = Keys::new()?;

@@ -452,3 +452,106 @@ fn malformed_oversized_and_slow_clients_do_not_hurt_the_daemon() {
     assert!(saw_down);
     assert!(vaned.status().is_ok());
 }
+
+#[test]
+fn moving_between_ethernet_and_wifi_follows_the_rules_and_the_user() {
+    let lab = Lab::new("").unwrap();
+    // A second uplink, typed wifi; the first stays ethernet.
+    let (wifi, wifi_b) = vane_e2e::veth(&lab.pair.a, &lab.pair.b).unwrap();
+    lab.pair
+        .a
+        .ip(&["addr", "add", "198.51.100.1/24", "dev", &wifi])
+        .unwrap();
+    lab.pair
+        .b
+        .ip(&["addr", "add", "198.51.100.2/24", "dev", &wifi_b])
+        .unwrap();
+    lab.write_rules(&format!(
+        "{}[on_demand]\nenabled = true\n\n\
+         [[on_demand.rule]]\naction = \"disconnect\"\nssid = \"HomeNet\"\n\n\
+         [[on_demand.rule]]\naction = \"connect\"\ninterface = \"wifi\"\n\n\
+         [[on_demand.rule]]\naction = \"disconnect\"\ninterface = \"ethernet\"\n\n\
+         [interfaces]\n\"{wifi}\" = \"wifi\"\n",
+        lab.rules_text()
+    ))
+    .unwrap();
+    lab.set_ssid(&format!("{wifi} CafeNet\n")).unwrap();
+    let mut vaned = lab.start_vaned(&[]).unwrap();
+
+    // On ethernet: rule 3 disconnects.
+    let s = vaned.status().unwrap();
+    assert_eq!(s["network"]["type"], "ethernet");
+    assert_eq!(s["decision"]["rule"], 3);
+    assert_eq!(s["tunnel"]["state"], "down");
+    // `up` overrides a disconnect rule, `resume` gives the rules back.
+    let o = vaned.ctl(&["up", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["tunnel"]["state"], "up", "{s:#}");
+    lab.pair.a.ping_until(SERVER_INNER, UP).unwrap();
+    let o = vaned.ctl(&["resume", "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["tunnel"]["state"], "down", "{s:#}");
+    assert!(!lab.pair.a.ping_ok(SERVER_INNER), "down means no tunnel");
+
+    // The default route moves to the café Wi-Fi: rule 2 connects.
+    lab.pair
+        .a
+        .ip(&[
+            "route",
+            "replace",
+            "default",
+            "via",
+            "198.51.100.2",
+            "dev",
+            &wifi,
+        ])
+        .unwrap();
+    let s = vaned.wait_state("up", UP).unwrap();
+    assert_eq!(s["network"]["interface"], wifi.as_str());
+    assert_eq!(s["network"]["ssid"], "CafeNet");
+    assert_eq!(s["decision"]["rule"], 2);
+    lab.pair.a.ping_until(SERVER_INNER, UP).unwrap();
+
+    // Home: rule 1 disconnects.
+    lab.set_ssid(&format!("{wifi} HomeNet\n")).unwrap();
+    let s = vaned.wait_state("down", UP).unwrap();
+    assert_eq!(s["decision"]["rule"], 1);
+
+    // The user wants the tunnel at home anyway; vaned is killed -9 and
+    // started again: the persisted intent holds, the orphaned tunnel
+    // process is replaced, traffic flows.
+    assert!(vaned.ctl(&["up"]).status.success());
+    lab.pair.a.ping_until(SERVER_INNER, UP).unwrap();
+    let old_tunnel = vaned.tunnel_pid().unwrap();
+    vaned.proc_.stop(nix::sys::signal::Signal::SIGKILL).unwrap();
+    let vaned = lab.start_vaned(&[]).unwrap();
+    let s = vaned.wait_state("up", UP).unwrap();
+    assert_eq!(s["decision"]["detail"]["kind"], "user-override", "{s:#}");
+    assert_ne!(s["tunnel"]["pid"].as_u64(), Some(u64::from(old_tunnel)));
+    // Gone, or a zombie waiting for whoever inherited it to reap it.
+    let stat = std::fs::read_to_string(format!("/proc/{old_tunnel}/stat")).unwrap_or_default();
+    let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+    assert!(
+        matches!(state, None | Some('Z') | Some('X')),
+        "the orphaned tunnel process was stopped: {stat}"
+    );
+    lab.pair.a.ping_until(SERVER_INNER, UP).unwrap();
+
+    // Back to ethernet: a different network ends the override; rule 3.
+    lab.pair
+        .a
+        .ip(&[
+            "route",
+            "replace",
+            "default",
+            "via",
+            "192.0.2.2",
+            "dev",
+            &lab.pair.veth_a,
+        ])
+        .unwrap();
+    let s = vaned.wait_state("down", UP).unwrap();
+    assert_eq!(s["decision"]["rule"], 3);
+    assert!(s["intent"]["persisted"]["manual"].is_null());
+}
