@@ -338,6 +338,10 @@ impl Daemon {
             });
         self.replan();
         self.evaluate();
+        if self.plan_error.is_some() {
+            // The rules are in force; the tunnel's configuration is not.
+            return ReloadOutcome::Refused;
+        }
         outcome
     }
 
@@ -467,7 +471,11 @@ impl Daemon {
             rules: RulesView {
                 file: self.rules.path().display().to_string(),
                 rules: rules.rules.len(),
-                refused: self.rules.last_refusal().map(|r| r.error.to_string()),
+                refused: self
+                    .rules
+                    .last_refusal()
+                    .map(|r| r.error.to_string())
+                    .or_else(|| self.plan_error.clone()),
             },
             daemon: DaemonView {
                 version: env!("CARGO_PKG_VERSION").to_owned(),

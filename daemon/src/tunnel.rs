@@ -156,7 +156,7 @@ impl Worker {
                 Err(e) if tokio::time::Instant::now() >= deadline => {
                     anyhow::bail!("vane-tunnel did not answer on {}: {e}", path.display())
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
             }
         }
         uapi_client::set(&path, &config)
