@@ -182,9 +182,16 @@ fn main() -> ExitCode {
         Command::Network(f) => control(&socket, ctl::Command::Network {}, f.json),
         Command::Watch(f) => watch(&socket, f.json),
         Command::Completions { shell } => {
+            use std::io::Write as _;
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "vanectl", &mut std::io::stdout());
-            ExitCode::SUCCESS
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "vanectl", &mut script);
+            // Written here, not by clap_complete, so a closed pipe
+            // (`| head`) is an exit, not a panic.
+            match std::io::stdout().write_all(&script) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            }
         }
         Command::Man => {
             let cmd = <Cli as clap::CommandFactory>::command();
