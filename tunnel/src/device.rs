@@ -35,6 +35,10 @@ const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN;
 /// (64 KiB split into segments, each grown by WireGuard's 32 bytes and
 /// padding, and its own headers).
 const SEND_BATCH_BYTES: usize = 256 * 1024;
+/// Packets decrypted before they are written to the TUN device (and GRO
+/// merges them). Each buffer can grow to 64 KiB when it heads a merged
+/// run, so this bounds the resident set too.
+const TUN_WRITE_BATCH: usize = 64;
 /// How often boringtun's timers are driven (as boringtun's own device does).
 const TIMER_TICK: Duration = Duration::from_millis(250);
 
@@ -233,9 +237,10 @@ impl Device {
     /// to fill.
     async fn tun_loop(self: Arc<Self>) -> io::Result<()> {
         let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65_535];
-        // Zeroed allocations of this size are lazily mapped: only the
-        // pages that packets touch count against the resident set.
-        let mut packets = vec![vec![0u8; 65_535]; IDEAL_BATCH_SIZE];
+        // Zeroed allocations (not clones of one, which would copy and so
+        // touch every page): only the pages packets touch count against
+        // the resident set.
+        let mut packets = zeroed_buffers(IDEAL_BATCH_SIZE, 65_535);
         let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
         let mut batch = SendBatch::new(SEND_BATCH_BYTES, 1);
         loop {
@@ -288,9 +293,9 @@ impl Device {
     async fn udp_loop(self: Arc<Self>) -> io::Result<()> {
         let mut changes = self.socket_changed.subscribe();
         let mut bound = self.socket();
-        let mut recv_bufs = vec![vec![0u8; 65_536]; quinn_udp::BATCH_SIZE];
+        let mut recv_bufs = zeroed_buffers(quinn_udp::BATCH_SIZE, 65_536);
         let mut metas = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
-        let mut out: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
+        let mut out: Vec<Vec<u8>> = (0..TUN_WRITE_BATCH)
             .map(|_| Vec::with_capacity(TUN_OFFSET + 65_536))
             .collect();
         let mut gro = GROTable::default();
@@ -627,6 +632,10 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
         },
         v4 => v4,
     }
+}
+
+fn zeroed_buffers(count: usize, len: usize) -> Vec<Vec<u8>> {
+    (0..count).map(|_| vec![0u8; len]).collect()
 }
 
 struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
