@@ -575,9 +575,12 @@ pub fn bind_udp_std(port: u16, fwmark: u32) -> io::Result<std::net::UdpSocket> {
         socket.set_mark(fwmark)?;
     }
     // Room for bursts while the TUN side is busy (wireguard-go asks for
-    // 7 MiB). The plain options are capped at net.core.[rw]mem_max; with
+    // 7 MiB). With GSO a burst arrives as 64 KiB runs, and 4 MiB
+    // overflowed (UdpRcvbufErrors) with four TCP streams on two busy
+    // cores; 16 MiB did not. It is kernel memory, charged only while
+    // datagrams wait. The plain options are capped at net.core.[rw]mem_max; with
     // CAP_NET_ADMIN the force variants are not, so try those first.
-    const SOCKET_BUFFER: usize = 4 << 20;
+    const SOCKET_BUFFER: usize = 16 << 20;
     use nix::sys::socket::{setsockopt, sockopt};
     if setsockopt(&socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
         let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
