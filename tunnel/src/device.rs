@@ -491,9 +491,18 @@ impl Bound {
                 self.state.try_send((&self.socket).into(), &transmit)
             }) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.raw_os_error() == Some(libc::EIO) && segment.is_some() => {
-                    // The kernel refused GSO (quinn-udp stops using it for
-                    // later sends): send these one by one.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EIO | libc::EINVAL | libc::EMSGSIZE)
+                    ) && segment.is_some() =>
+                {
+                    // The device refused GSO (EIO; quinn-udp stops
+                    // segmenting for later sends), or a segment is larger
+                    // than the path MTU (EMSGSIZE, EINVAL: a tunnel MTU
+                    // too large for the path; sent alone, the kernel
+                    // fragments it, as before batching). These go out one
+                    // by one.
                     for d in contents.chunks(segment.unwrap_or(contents.len()).max(1)) {
                         Box::pin(self.send(d, to, None)).await?;
                     }
