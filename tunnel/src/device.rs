@@ -6,27 +6,39 @@
 //! limiter's reset). The decisions (which peer, whether a source is allowed)
 //! are the peer table's; this module only does the reading and writing.
 
-use std::io;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::io::{self, IoSliceMut};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use boringtun::noise::errors::WireGuardError;
-use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::noise::TunnResult;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tracing::{debug, trace, warn};
-use tun_rs::AsyncDevice;
+use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
+use crate::batch::{encapsulate_packets, open_datagram, Opened, SendBatch};
 use crate::model::{DeviceConfig, Key, PeerName};
-use crate::peers::{Peer, PeerTable};
+use crate::peers::PeerTable;
 use crate::uapi::{self, UapiError};
 use crate::uapi_server::UapiHandler;
 
 /// Largest datagram or packet handled: an IP packet is at most 64 KiB.
 const BUF_LEN: usize = 65_536 + 256;
+/// Where a packet for the TUN device starts in its buffer: room for the
+/// virtio-net header tun-rs writes in front of it.
+const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN;
+/// The encryption buffer of the TUN loop: one read's worth of packets
+/// (64 KiB split into segments, each grown by WireGuard's 32 bytes and
+/// padding, and its own headers).
+const SEND_BATCH_BYTES: usize = 256 * 1024;
+/// Packets decrypted before they are written to the TUN device (and GRO
+/// merges them). Each buffer can grow to 64 KiB when it heads a merged
+/// run, so this bounds the resident set too.
+const TUN_WRITE_BATCH: usize = 64;
 /// How often boringtun's timers are driven (as boringtun's own device does).
 const TIMER_TICK: Duration = Duration::from_millis(250);
 
@@ -48,7 +60,7 @@ pub struct Counters {
 }
 
 impl Counters {
-    fn bump(c: &AtomicU64) {
+    pub(crate) fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -216,196 +228,147 @@ impl Device {
     }
 
     /// TUN -> peer by destination -> encapsulate -> UDP.
+    ///
+    /// One read from the offloaded TUN device returns up to 64 KiB of one
+    /// TCP or UDP flow (TSO/USO), which tun-rs splits into MTU-sized
+    /// packets; they are encrypted back to back into one buffer and go out
+    /// as few `sendmsg` calls with UDP GSO as the destinations allow. A
+    /// lone packet is sent as soon as it is read: nothing waits for a batch
+    /// to fill.
     async fn tun_loop(self: Arc<Self>) -> io::Result<()> {
-        let mut src = vec![0u8; BUF_LEN];
-        let mut dst = vec![0u8; BUF_LEN + 32];
+        let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65_535];
+        // Zeroed allocations (not clones of one, which would copy and so
+        // touch every page): only the pages packets touch count against
+        // the resident set.
+        let mut packets = zeroed_buffers(IDEAL_BATCH_SIZE, 65_535);
+        let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+        let mut batch = SendBatch::new(SEND_BATCH_BYTES, 1);
         loop {
-            let n = self.tun.recv(&mut src).await?;
-            let packet = &src[..n];
-            let Some(addr) = Tunn::dst_address(packet) else {
-                continue;
-            };
-            let table = self.table();
-            let Some(peer) = table.route(addr) else {
-                Counters::bump(&self.counters.no_route);
-                trace!(%addr, "no peer for destination");
-                continue;
-            };
-            let (out, endpoint) = {
-                let mut state = peer.lock();
-                let endpoint = state.endpoint;
-                match state.tunn.encapsulate(packet, &mut dst) {
-                    TunnResult::WriteToNetwork(out) => (out.len(), endpoint),
-                    TunnResult::Err(e) => {
-                        debug!(peer = %PeerName(&peer.public_key), error = ?e, "encapsulate failed");
-                        continue;
-                    }
-                    _ => continue,
+            let n = self
+                .tun
+                .recv_multiple(&mut original, &mut packets, &mut sizes, 0)
+                .await;
+            let n = match n {
+                Ok(n) => n,
+                Err(e) if e.raw_os_error().is_some() => return Err(e),
+                Err(e) => {
+                    // A malformed offloaded packet (tun-rs's own checks,
+                    // which carry no errno): skip it.
+                    debug!(error = %e, "unreadable packet from the TUN device");
+                    continue;
                 }
             };
-            self.send_to_peer(peer, &dst[..out], endpoint).await;
-        }
-    }
-
-    async fn send_to_peer(&self, peer: &Peer, datagram: &[u8], endpoint: Option<SocketAddr>) {
-        let Some(endpoint) = endpoint else {
-            Counters::bump(&self.counters.no_endpoint);
-            trace!(peer = %PeerName(&peer.public_key), "no endpoint, dropped");
-            return;
-        };
-        let bound = self.socket();
-        match bound
-            .socket
-            .send_to(datagram, bound.destination(endpoint))
-            .await
-        {
-            Ok(_) => peer.add_tx(datagram.len()),
-            Err(e) => debug!(%endpoint, error = %e, "send failed"),
+            let table = self.table();
+            let bound = self.socket();
+            batch.set_max_segments(bound.state.max_gso_segments());
+            let mut done = 0;
+            while done < n {
+                done += encapsulate_packets(
+                    &table,
+                    &packets[done..n],
+                    &sizes[done..n],
+                    &mut batch,
+                    &self.counters,
+                );
+                for (group, bytes) in batch.groups() {
+                    match bound
+                        .send(bytes, group.destination, group.segment_size())
+                        .await
+                    {
+                        Ok(()) => group.tag.add_tx(bytes.len()),
+                        Err(e) => debug!(endpoint = %group.destination, error = %e, "send failed"),
+                    }
+                }
+                batch.clear();
+            }
         }
     }
 
     /// UDP -> peer by index or static key -> decapsulate -> TUN.
+    ///
+    /// One `recvmmsg` takes up to 32 datagrams, each possibly a run of
+    /// segments the kernel coalesced (UDP GRO). The decrypted packets are
+    /// written with tun-rs's GRO table, which merges consecutive TCP
+    /// segments of a flow into one write of up to 64 KiB.
     async fn udp_loop(self: Arc<Self>) -> io::Result<()> {
-        let mut buf = vec![0u8; BUF_LEN];
-        let mut out = vec![0u8; BUF_LEN];
         let mut changes = self.socket_changed.subscribe();
-        let mut socket = self.socket();
+        let mut bound = self.socket();
+        let mut recv_bufs = zeroed_buffers(quinn_udp::BATCH_SIZE, 65_536);
+        let mut metas = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
+        let mut out: Vec<Vec<u8>> = (0..TUN_WRITE_BATCH)
+            .map(|_| Vec::with_capacity(TUN_OFFSET + 65_536))
+            .collect();
+        let mut gro = GROTable::default();
         loop {
             let received = tokio::select! {
-                r = socket.socket.recv_from(&mut buf) => r,
+                r = bound.recv(&mut recv_bufs, &mut metas) => r,
                 changed = changes.changed() => {
                     if changed.is_err() {
                         return Ok(());
                     }
-                    socket = Arc::clone(&changes.borrow_and_update());
+                    bound = Arc::clone(&changes.borrow_and_update());
                     continue;
                 }
             };
-            let (n, from) = match received {
-                Ok(r) => r,
+            let count = match received {
+                Ok(count) => count,
                 Err(e) => {
                     // ICMP errors surface as ECONNREFUSED and the like on
                     // an unconnected UDP socket; they end nothing.
-                    trace!(error = %e, "recv_from");
+                    trace!(error = %e, "recvmmsg");
                     continue;
                 }
             };
-            let from = canonical(from);
-            self.handle_datagram(&buf[..n], from, &mut out).await;
-        }
-    }
-
-    async fn handle_datagram(&self, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
-        let table = self.table();
-        let Some(identity) = table.identity() else {
-            return;
-        };
-        let peer = match Tunn::parse_incoming_packet(datagram) {
-            Err(_) => {
-                Counters::bump(&self.counters.invalid_datagrams);
-                trace!(%from, len = datagram.len(), "not a WireGuard message");
-                return;
-            }
-            Ok(Packet::HandshakeInit(init)) => {
-                // The MACs and the load gate come before the expensive
-                // Diffie-Hellman of identifying the initiator.
-                match identity
-                    .rate_limiter
-                    .verify_packet(Some(from.ip()), datagram, out)
-                {
-                    Ok(_) => {}
-                    Err(TunnResult::WriteToNetwork(cookie)) => {
-                        Counters::bump(&self.counters.cookies_sent);
-                        let cookie = cookie.to_vec();
-                        let bound = self.socket();
-                        let _ = bound.socket.send_to(&cookie, bound.destination(from)).await;
-                        return;
-                    }
-                    Err(_) => {
-                        Counters::bump(&self.counters.invalid_datagrams);
-                        return;
-                    }
-                }
-                match parse_handshake_anon(&identity.secret, &identity.public, &init) {
-                    Ok(half) => table.peer_by_public(&half.peer_static_public),
-                    Err(_) => {
-                        Counters::bump(&self.counters.invalid_datagrams);
-                        return;
+            let table = self.table();
+            let mut pending = 0;
+            for (meta, buf) in metas.iter().zip(&recv_bufs).take(count) {
+                let from = canonical(meta.addr);
+                let stride = meta.stride.max(1);
+                let Some(data) = buf.get(..meta.len) else {
+                    continue;
+                };
+                for datagram in data.chunks(stride) {
+                    let opened = open_datagram(
+                        &table,
+                        datagram,
+                        from,
+                        &mut out[pending],
+                        TUN_OFFSET,
+                        &self.counters,
+                    );
+                    match opened {
+                        Opened::Nothing => {}
+                        Opened::Tunnel { .. } => {
+                            pending += 1;
+                            if pending == out.len() {
+                                self.write_tun(&mut gro, &mut out[..pending]).await;
+                                pending = 0;
+                            }
+                        }
+                        Opened::Network(peer, sends) => {
+                            for s in sends {
+                                match bound.send(&s, from, None).await {
+                                    Ok(()) => peer.add_tx(s.len()),
+                                    Err(e) => debug!(%from, error = %e, "send failed"),
+                                }
+                            }
+                        }
+                        Opened::Cookie(cookie) => {
+                            let _ = bound.send(&cookie, from, None).await;
+                        }
                     }
                 }
             }
-            Ok(Packet::HandshakeResponse(p)) => table.peer_by_receiver(p.receiver_idx),
-            Ok(Packet::PacketCookieReply(p)) => table.peer_by_receiver(p.receiver_idx),
-            Ok(Packet::PacketData(p)) => table.peer_by_receiver(p.receiver_idx),
-        };
-        let Some(peer) = peer else {
-            Counters::bump(&self.counters.unknown_peer);
-            trace!(%from, "datagram for no known peer");
-            return;
-        };
-        let peer = Arc::clone(peer);
-
-        // Decapsulate under the peer's lock; what has to be sent back is
-        // collected and sent after the lock is released.
-        enum Outcome {
-            Nothing,
-            ToTunnel(usize, IpAddr),
-            ToNetwork(Vec<Vec<u8>>),
-        }
-        let outcome = {
-            let mut state = peer.lock();
-            let outcome = match state.tunn.decapsulate(Some(from.ip()), datagram, out) {
-                TunnResult::Done => Outcome::Nothing,
-                TunnResult::Err(e) => {
-                    drop(state);
-                    self.count_error(&peer, e, from);
-                    return;
-                }
-                TunnResult::WriteToNetwork(first) => {
-                    // A handshake message answered: flush what boringtun
-                    // queued while it had no session.
-                    let mut sends = vec![first.to_vec()];
-                    while let TunnResult::WriteToNetwork(more) =
-                        state.tunn.decapsulate(None, &[], out)
-                    {
-                        sends.push(more.to_vec());
-                    }
-                    Outcome::ToNetwork(sends)
-                }
-                TunnResult::WriteToTunnelV4(p, src) => Outcome::ToTunnel(p.len(), src.into()),
-                TunnResult::WriteToTunnelV6(p, src) => Outcome::ToTunnel(p.len(), src.into()),
-            };
-            // Authenticated: the peer is where this came from (roaming).
-            if state.endpoint != Some(from) {
-                debug!(peer = %PeerName(&peer.public_key), %from, "endpoint changed");
-                state.endpoint = Some(from);
-            }
-            outcome
-        };
-        peer.add_rx(datagram.len());
-        match outcome {
-            Outcome::Nothing => {}
-            Outcome::ToNetwork(sends) => {
-                for s in sends {
-                    self.send_to_peer(&peer, &s, Some(from)).await;
-                }
-            }
-            Outcome::ToTunnel(len, src) => {
-                if !table.allows_source(&peer, src) {
-                    Counters::bump(&self.counters.source_not_allowed);
-                    debug!(peer = %PeerName(&peer.public_key), %src, "inner source not in AllowedIPs, dropped");
-                    return;
-                }
-                if let Err(e) = self.tun.send(&out[..len]).await {
-                    debug!(error = %e, "write to TUN failed");
-                }
+            if pending > 0 {
+                self.write_tun(&mut gro, &mut out[..pending]).await;
             }
         }
     }
 
-    fn count_error(&self, peer: &Peer, e: WireGuardError, from: SocketAddr) {
-        Counters::bump(&self.counters.invalid_datagrams);
-        trace!(peer = %PeerName(&peer.public_key), %from, error = ?e, "datagram refused");
+    async fn write_tun(&self, gro: &mut GROTable, packets: &mut [Vec<u8>]) {
+        if let Err(e) = self.tun.send_multiple(gro, packets, TUN_OFFSET).await {
+            debug!(error = %e, "write to TUN failed");
+        }
     }
 
     /// Drives every peer's timers: handshake (re)tries, keepalives,
@@ -437,7 +400,15 @@ impl Device {
                         _ => continue,
                     }
                 };
-                self.send_to_peer(peer, &out[..len], endpoint).await;
+                let Some(endpoint) = endpoint else {
+                    Counters::bump(&self.counters.no_endpoint);
+                    trace!(peer = %PeerName(&peer.public_key), "no endpoint, dropped");
+                    continue;
+                };
+                match self.socket().send(&out[..len], endpoint, None).await {
+                    Ok(()) => peer.add_tx(len),
+                    Err(e) => debug!(%endpoint, error = %e, "send failed"),
+                }
             }
         }
     }
@@ -481,6 +452,10 @@ pub struct Bound {
     /// The bound port (the kernel's choice when 0 was asked for).
     pub port: u16,
     dual_stack: bool,
+    /// quinn-udp's view of the socket: `sendmsg` with UDP GSO, `recvmmsg`
+    /// with UDP GRO, and the fallbacks where the kernel or a device lacks
+    /// them.
+    state: quinn_udp::UdpSocketState,
 }
 
 impl Bound {
@@ -492,6 +467,74 @@ impl Bound {
                 SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
             }
             other => other,
+        }
+    }
+
+    /// Sends `contents` to `to`: one datagram, or with `segment` a run of
+    /// datagrams of that size (the last may be shorter) in one system call.
+    async fn send(
+        &self,
+        contents: &[u8],
+        to: SocketAddr,
+        segment: Option<usize>,
+    ) -> io::Result<()> {
+        let transmit = quinn_udp::Transmit {
+            destination: self.destination(to),
+            ecn: None,
+            contents,
+            segment_size: segment,
+            src_ip: None,
+        };
+        loop {
+            self.socket.writable().await?;
+            match self.socket.try_io(Interest::WRITABLE, || {
+                self.state.try_send((&self.socket).into(), &transmit)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EIO | libc::EINVAL | libc::EMSGSIZE)
+                    ) && segment.is_some() =>
+                {
+                    // The device refused GSO (EIO; quinn-udp stops
+                    // segmenting for later sends), or a segment is larger
+                    // than the path MTU (EMSGSIZE, EINVAL: a tunnel MTU
+                    // too large for the path; sent alone, the kernel
+                    // fragments it, as before batching). These go out one
+                    // by one.
+                    for d in contents.chunks(segment.unwrap_or(contents.len()).max(1)) {
+                        Box::pin(self.send(d, to, None)).await?;
+                    }
+                    return Ok(());
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Receives up to `bufs.len()` datagrams (each possibly several
+    /// coalesced by GRO: `meta.stride` bytes each).
+    async fn recv(
+        &self,
+        bufs: &mut [Vec<u8>],
+        metas: &mut [quinn_udp::RecvMeta],
+    ) -> io::Result<usize> {
+        let n = bufs.len().min(quinn_udp::BATCH_SIZE);
+        let mut slices: [IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
+            std::array::from_fn(|_| IoSliceMut::new(&mut []));
+        for (slice, buf) in slices.iter_mut().zip(bufs.iter_mut()) {
+            *slice = IoSliceMut::new(buf);
+        }
+        loop {
+            self.socket.readable().await?;
+            match self.socket.try_io(Interest::READABLE, || {
+                self.state
+                    .recv((&self.socket).into(), &mut slices[..n], &mut metas[..n])
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
         }
     }
 }
@@ -506,12 +549,16 @@ impl Bound {
     /// Takes a bound UDP socket (blocking or not) into the runtime.
     pub fn from_std(socket: std::net::UdpSocket) -> io::Result<Bound> {
         socket.set_nonblocking(true)?;
+        let state = quinn_udp::UdpSocketState::new((&socket).into())
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot set up the UDP socket: {e}")))?;
+        restore_path_mtu_discovery(&socket);
         let socket = UdpSocket::from_std(socket)?;
         let local = socket.local_addr()?;
         Ok(Bound {
             socket,
             port: local.port(),
             dual_stack: local.is_ipv6(),
+            state,
         })
     }
 }
@@ -537,9 +584,12 @@ pub fn bind_udp_std(port: u16, fwmark: u32) -> io::Result<std::net::UdpSocket> {
         socket.set_mark(fwmark)?;
     }
     // Room for bursts while the TUN side is busy (wireguard-go asks for
-    // 7 MiB). The plain options are capped at net.core.[rw]mem_max; with
+    // 7 MiB). With GSO a burst arrives as 64 KiB runs, and 4 MiB
+    // overflowed (UdpRcvbufErrors) with four TCP streams on two busy
+    // cores; 16 MiB did not. It is kernel memory, charged only while
+    // datagrams wait. The plain options are capped at net.core.[rw]mem_max; with
     // CAP_NET_ADMIN the force variants are not, so try those first.
-    const SOCKET_BUFFER: usize = 4 << 20;
+    const SOCKET_BUFFER: usize = 16 << 20;
     use nix::sys::socket::{setsockopt, sockopt};
     if setsockopt(&socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
         let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
@@ -548,6 +598,36 @@ pub fn bind_udp_std(port: u16, fwmark: u32) -> io::Result<std::net::UdpSocket> {
         let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
     }
     Ok(socket.into())
+}
+
+/// quinn-udp turns on IP_PMTUDISC_PROBE (don't fragment, ignore the path
+/// MTU) for QUIC's own path MTU probing; WireGuard has none, so the
+/// kernel's default (fragment beyond a known path MTU) comes back, as with
+/// wireguard-go. Best effort: an IPv4-only socket refuses the IPv6 option.
+fn restore_path_mtu_discovery(socket: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: a plain int option on a descriptor we own.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    set(
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_WANT,
+    );
+    set(
+        libc::IPPROTO_IPV6,
+        libc::IPV6_MTU_DISCOVER,
+        libc::IPV6_PMTUDISC_WANT,
+    );
 }
 
 fn set_mark(socket: &UdpSocket, fwmark: u32) -> io::Result<()> {
@@ -564,6 +644,10 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
         },
         v4 => v4,
     }
+}
+
+fn zeroed_buffers(count: usize, len: usize) -> Vec<Vec<u8>> {
+    (0..count).map(|_| vec![0u8; len]).collect()
 }
 
 struct AbortOnDrop(Vec<tokio::task::AbortHandle>);

@@ -5,6 +5,7 @@
 //! ([`device`], [`uapi_server`]) that own the TUN device, the UDP socket and
 //! the userspace API socket.
 
+pub mod batch;
 pub mod config;
 pub mod device;
 pub mod model;

@@ -17,7 +17,7 @@ use tun_rs::{AsyncDevice, DeviceBuilder};
 /// kernel refuses a mismatch with EINVAL).
 pub const MULTI_QUEUE: bool = false;
 /// Whether the device is read with a virtio-net header (TSO/GSO offloads).
-pub const OFFLOAD: bool = false;
+pub const OFFLOAD: bool = true;
 
 fn builder(name: &str) -> DeviceBuilder {
     DeviceBuilder::new()
