@@ -71,13 +71,7 @@ fn main() -> Result<()> {
         .and_then(|a| a.parse().ok())
         .unwrap_or(20);
     let lab = Lab::new("")?;
-    let (wifi, wifi_b) = vane_e2e::veth(&lab.pair.a, &lab.pair.b)?;
-    lab.pair
-        .a
-        .ip(&["addr", "add", "198.51.100.1/24", "dev", &wifi])?;
-    lab.pair
-        .b
-        .ip(&["addr", "add", "198.51.100.2/24", "dev", &wifi_b])?;
+    let wifi = lab.second_uplink()?;
     lab.write_rules(&format!(
         "{}[on_demand]\nenabled = true\n\n\
          [[on_demand.rule]]\naction = \"disconnect\"\nssid = \"HomeNet\"\n\n\

@@ -129,6 +129,21 @@ impl Lab {
         Ok(lab)
     }
 
+    /// A second uplink from the client to the server: a veth pair with
+    /// 198.51.100.1/24 (client) and .2/24 (server). Returns the client
+    /// side's name (to type it wifi in `[interfaces]`, or to move the
+    /// default route onto it).
+    pub fn second_uplink(&self) -> Result<String> {
+        let (a, b) = crate::veth(&self.pair.a, &self.pair.b)?;
+        self.pair
+            .a
+            .ip(&["addr", "add", "198.51.100.1/24", "dev", &a])?;
+        self.pair
+            .b
+            .ip(&["addr", "add", "198.51.100.2/24", "dev", &b])?;
+        Ok(a)
+    }
+
     /// Replaces the rule file the way editors do: a new file renamed over
     /// the old one.
     pub fn write_rules(&self, text: &str) -> Result<()> {

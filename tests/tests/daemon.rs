@@ -457,15 +457,7 @@ fn malformed_oversized_and_slow_clients_do_not_hurt_the_daemon() {
 fn moving_between_ethernet_and_wifi_follows_the_rules_and_the_user() {
     let lab = Lab::new("").unwrap();
     // A second uplink, typed wifi; the first stays ethernet.
-    let (wifi, wifi_b) = vane_e2e::veth(&lab.pair.a, &lab.pair.b).unwrap();
-    lab.pair
-        .a
-        .ip(&["addr", "add", "198.51.100.1/24", "dev", &wifi])
-        .unwrap();
-    lab.pair
-        .b
-        .ip(&["addr", "add", "198.51.100.2/24", "dev", &wifi_b])
-        .unwrap();
+    let wifi = lab.second_uplink().unwrap();
     lab.write_rules(&format!(
         "{}[on_demand]\nenabled = true\n\n\
          [[on_demand.rule]]\naction = \"disconnect\"\nssid = \"HomeNet\"\n\n\
