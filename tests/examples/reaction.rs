@@ -99,15 +99,7 @@ fn main() -> Result<()> {
     let wait = Duration::from_secs(10);
 
     // SSID: HomeNet (down) -> CafeNet (up).
-    lab.pair.a.ip(&[
-        "route",
-        "replace",
-        "default",
-        "via",
-        "198.51.100.2",
-        "dev",
-        &wifi,
-    ])?;
+    lab.default_via("198.51.100.2", &wifi)?;
     let mut ssid_ms = Vec::new();
     for _ in 0..n {
         lab.set_ssid(&format!("{wifi} HomeNet\n"))?;
@@ -126,28 +118,12 @@ fn main() -> Result<()> {
     // Default route: ethernet (rule 3, down) -> Wi-Fi CafeNet (up).
     let mut route_ms = Vec::new();
     for _ in 0..n {
-        lab.pair.a.ip(&[
-            "route",
-            "replace",
-            "default",
-            "via",
-            "192.0.2.2",
-            "dev",
-            &lab.pair.veth_a,
-        ])?;
+        lab.default_via("192.0.2.2", &lab.pair.veth_a)?;
         vaned.wait_state("down", wait)?;
         quiet();
         let probe = first_echo(&lab, wait);
         let t0 = Instant::now();
-        lab.pair.a.ip(&[
-            "route",
-            "replace",
-            "default",
-            "via",
-            "198.51.100.2",
-            "dev",
-            &wifi,
-        ])?;
+        lab.default_via("198.51.100.2", &wifi)?;
         let t1 = probe
             .join()
             .map_err(|_| anyhow::anyhow!("probe panicked"))??;

@@ -144,6 +144,14 @@ impl Lab {
         Ok(a)
     }
 
+    /// Moves the client's default route.
+    pub fn default_via(&self, gateway: &str, dev: &str) -> Result<()> {
+        self.pair
+            .a
+            .ip(&["route", "replace", "default", "via", gateway, "dev", dev])
+            .map(|_| ())
+    }
+
     /// Replaces the rule file the way editors do: a new file renamed over
     /// the old one.
     pub fn write_rules(&self, text: &str) -> Result<()> {

@@ -487,18 +487,7 @@ fn moving_between_ethernet_and_wifi_follows_the_rules_and_the_user() {
     assert!(!lab.pair.a.ping_ok(SERVER_INNER), "down means no tunnel");
 
     // The default route moves to the café Wi-Fi: rule 2 connects.
-    lab.pair
-        .a
-        .ip(&[
-            "route",
-            "replace",
-            "default",
-            "via",
-            "198.51.100.2",
-            "dev",
-            &wifi,
-        ])
-        .unwrap();
+    lab.default_via("198.51.100.2", &wifi).unwrap();
     let s = vaned.wait_state("up", UP).unwrap();
     assert_eq!(s["network"]["interface"], wifi.as_str());
     assert_eq!(s["network"]["ssid"], "CafeNet");
@@ -531,18 +520,7 @@ fn moving_between_ethernet_and_wifi_follows_the_rules_and_the_user() {
     lab.pair.a.ping_until(SERVER_INNER, UP).unwrap();
 
     // Back to ethernet: a different network ends the override; rule 3.
-    lab.pair
-        .a
-        .ip(&[
-            "route",
-            "replace",
-            "default",
-            "via",
-            "192.0.2.2",
-            "dev",
-            &lab.pair.veth_a,
-        ])
-        .unwrap();
+    lab.default_via("192.0.2.2", &lab.pair.veth_a).unwrap();
     let s = vaned.wait_state("down", UP).unwrap();
     assert_eq!(s["decision"]["rule"], 3);
     assert!(s["intent"]["persisted"]["manual"].is_null());
