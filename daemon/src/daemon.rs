@@ -353,7 +353,7 @@ impl Daemon {
         match plan::build(&rules.tunnel, self.rules.path(), self.binary.clone()) {
             Ok(new) => {
                 self.plan_error = None;
-                if !plan::same(&new, &self.plan) {
+                if new != self.plan {
                     if new.ifname != self.plan.ifname {
                         let mut ex = Exclusions::default();
                         ex.ifnames.insert(new.ifname.clone());

@@ -67,14 +67,3 @@ pub fn build(
         binary,
     })
 }
-
-/// Whether two plans would bring up the same tunnel (the private key is
-/// compared too; nothing is printed).
-pub fn same(a: &Plan, b: &Plan) -> bool {
-    a.ifname == b.ifname
-        && a.mtu == b.mtu
-        && a.addresses == b.addresses
-        && a.routes == b.routes
-        && a.device == b.device
-        && a.binary == b.binary
-}

@@ -35,7 +35,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 const MAIN_TABLE: u32 = 254;
 
 /// Everything needed to bring the tunnel up.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub ifname: String,
     pub mtu: u16,

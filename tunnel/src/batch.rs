@@ -220,6 +220,24 @@ pub enum Opened {
     Cookie(Vec<u8>),
 }
 
+/// A decrypted packet of `len` bytes from `src`: for the TUN device if the
+/// sending peer owns that source (the longest-prefix match), else dropped.
+fn inner(
+    table: &PeerTable,
+    peer: &Arc<Peer>,
+    len: usize,
+    src: std::net::IpAddr,
+    counters: &Counters,
+) -> Opened {
+    if table.allows_source(peer, src) {
+        Opened::Tunnel { len }
+    } else {
+        Counters::bump(&counters.source_not_allowed);
+        debug!(peer = %PeerName(&peer.public_key), %src, "inner source not in AllowedIPs, dropped");
+        Opened::Nothing
+    }
+}
+
 /// Opens one datagram from `from`: finds its peer (by receiver index, or
 /// by static key for an initiation, after the rate limiter's MACs and load
 /// check), decapsulates it, moves the peer's endpoint (roaming) and checks
@@ -307,24 +325,10 @@ pub fn open_datagram(
                 Opened::Network(Arc::clone(peer), sends)
             }
             TunnResult::WriteToTunnelV4(p, src) => {
-                let len = p.len();
-                if table.allows_source(peer, src.into()) {
-                    Opened::Tunnel { len }
-                } else {
-                    Counters::bump(&counters.source_not_allowed);
-                    debug!(peer = %PeerName(&peer.public_key), %src, "inner source not in AllowedIPs, dropped");
-                    Opened::Nothing
-                }
+                inner(table, peer, p.len(), src.into(), counters)
             }
             TunnResult::WriteToTunnelV6(p, src) => {
-                let len = p.len();
-                if table.allows_source(peer, src.into()) {
-                    Opened::Tunnel { len }
-                } else {
-                    Counters::bump(&counters.source_not_allowed);
-                    debug!(peer = %PeerName(&peer.public_key), %src, "inner source not in AllowedIPs, dropped");
-                    Opened::Nothing
-                }
+                inner(table, peer, p.len(), src.into(), counters)
             }
         };
         // Authenticated: the peer is where this came from (roaming).
