@@ -45,6 +45,11 @@ pub struct InterfaceSection {
     /// Interface addresses, host bits kept.
     pub addresses: Vec<IpNet>,
     pub mtu: Option<u16>,
+    /// `DNS =` servers, in order (applied by vaned while connected, not by
+    /// vane-tunnel itself).
+    pub dns_servers: Vec<IpAddr>,
+    /// `DNS =` entries that are names: search domains, in order.
+    pub dns_search: Vec<String>,
     /// wg-quick keys accepted but not applied by the tunnel: (key as
     /// written, line).
     pub not_applied: Vec<(String, usize)>,
@@ -174,6 +179,8 @@ struct PendingInterface {
     fwmark: Option<u32>,
     addresses: Vec<IpNet>,
     mtu: Option<u16>,
+    dns_servers: Vec<IpAddr>,
+    dns_search: Vec<String>,
     not_applied: Vec<(String, usize)>,
     line: usize,
 }
@@ -349,6 +356,8 @@ pub fn parse(text: &str, file: &Path) -> Result<WgQuickConfig, ConfigError> {
             fwmark: itf.fwmark.unwrap_or(0),
             addresses: itf.addresses,
             mtu: itf.mtu,
+            dns_servers: itf.dns_servers,
+            dns_search: itf.dns_search,
             not_applied: itf.not_applied,
         },
         peers: out_peers,
@@ -423,7 +432,29 @@ fn interface_key(
                 .ok_or_else(|| format!("{key}: {value:?} is not an MTU (576-65535)"))?;
             once(&mut itf.mtu, key, mtu)
         }
-        "dns" | "table" | "preup" | "postup" | "predown" | "postdown" | "saveconfig" => {
+        "dns" => {
+            // As wg-quick reads it: addresses are servers, anything else
+            // a search domain.
+            for item in list(value) {
+                if let Ok(ip) = item.parse::<IpAddr>() {
+                    if !itf.dns_servers.contains(&ip) {
+                        itf.dns_servers.push(ip);
+                    }
+                } else if is_domain(item) {
+                    let d = item.to_ascii_lowercase();
+                    if !itf.dns_search.contains(&d) {
+                        itf.dns_search.push(d);
+                    }
+                } else {
+                    return Err(format!(
+                        "{key}: {item:?} is neither an IP address nor a domain name"
+                    ));
+                }
+            }
+            itf.not_applied.push((key.to_owned(), line));
+            Ok(())
+        }
+        "table" | "preup" | "postup" | "predown" | "postdown" | "saveconfig" => {
             itf.not_applied.push((key.to_owned(), line));
             Ok(())
         }
@@ -474,6 +505,27 @@ fn peer_key(
         }
         _ => Err(format!("unknown key {} in [Peer]", shown_key(key))),
     }
+}
+
+/// A DNS name as a search domain: dot-separated labels of letters,
+/// digits, '-' and '_', each 1-63 bytes, 253 at most in all, one trailing
+/// dot allowed; the last label not all digits (that is a mistyped
+/// address, not a name).
+fn is_domain(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty()
+        && !s
+            .rsplit('.')
+            .next()
+            .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 fn list(value: &str) -> impl Iterator<Item = &str> {
@@ -970,6 +1022,51 @@ mod tests {
         #[test]
         fn arbitrary_text_never_panics(text in "(?s).{0,300}") {
             let _ = p(&text);
+        }
+    }
+}
+
+#[cfg(test)]
+mod dns_tests {
+    use super::*;
+
+    const PRIV: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+
+    #[test]
+    fn dns_servers_and_search_domains_as_wg_quick_reads_them() {
+        let c = parse(
+            &format!(
+                "[Interface]\nPrivateKey = {PRIV}\nDNS = 10.0.0.53, fd00::53, Corp.Example.\nDNS = 10.0.0.53, lab.example\n"
+            ),
+            Path::new("/etc/vane/wg0.conf"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.interface.dns_servers,
+            vec![
+                "10.0.0.53".parse::<IpAddr>().unwrap(),
+                "fd00::53".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.interface.dns_search, vec!["corp.example.", "lab.example"]);
+        for bad in [
+            "10.0.0.300",
+            "1.2.3.",
+            "a..b",
+            "-x.example",
+            "semi;colon",
+            "sp ace",
+        ] {
+            let e = parse(
+                &format!("[Interface]\nPrivateKey = {PRIV}\nDNS = {bad}\n"),
+                Path::new("/etc/vane/wg0.conf"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.starts_with("/etc/vane/wg0.conf:3: DNS:") && e.contains("neither"),
+                "{bad}: {e}"
+            );
         }
     }
 }
