@@ -43,6 +43,7 @@ pub struct Options {
 enum WorkerMsg {
     Act(Action),
     Plan(Box<Plan>),
+    Locals(Vec<ipnet::IpNet>),
 }
 
 struct Daemon {
@@ -66,6 +67,8 @@ struct Daemon {
     shutting_down: bool,
     /// Replies to commands that wait for the tunnel to settle.
     parked: Vec<tokio::sync::oneshot::Sender<Result<Reply, ProtoError>>>,
+    /// The uplinks' subnets last told to the worker.
+    locals: Vec<ipnet::IpNet>,
 }
 
 /// Converts the observer's snapshot to what the rule engine reads.
@@ -108,6 +111,7 @@ pub async fn run(options: Options) -> Result<()> {
             warn!("cannot remove it: {e}");
         }
     }
+    crate::tunnel::remove_stale_rules();
 
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
     let (worker_tx, mut worker_rx) = mpsc::unbounded_channel::<WorkerMsg>();
@@ -117,6 +121,7 @@ pub async fn run(options: Options) -> Result<()> {
             match m {
                 WorkerMsg::Act(a) => worker.act(a).await,
                 WorkerMsg::Plan(p) => worker.set_plan(*p),
+                WorkerMsg::Locals(l) => worker.set_locals(l),
             }
         }
         // The loop is gone: take the tunnel down with it.
@@ -170,7 +175,9 @@ pub async fn run(options: Options) -> Result<()> {
         started: SystemTime::now(),
         shutting_down: false,
         parked: Vec::new(),
+        locals: Vec::new(),
     };
+    d.follow_locals();
     d.evaluate();
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     info!("vaned ready");
@@ -190,9 +197,13 @@ pub async fn run(options: Options) -> Result<()> {
                 Ok(change) => {
                     let _ = d.events.send(Event::Network { change });
                     d.probes.clear();
+                    d.follow_locals();
                     d.evaluate();
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => d.evaluate(),
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    d.follow_locals();
+                    d.evaluate();
+                }
                 Err(broadcast::error::RecvError::Closed) => {
                     error!("the network observer stopped");
                     break;
@@ -247,6 +258,16 @@ fn overrides(rules: &RuleSource) -> Vec<(String, vane_policy::rules::InterfaceTy
 }
 
 impl Daemon {
+    /// Tells the worker the uplinks' subnets when they changed (the full
+    /// tunnel's rules and kill switch depend on them).
+    fn follow_locals(&mut self) {
+        let locals = crate::routing::local_subnets(&self.observer.snapshot());
+        if locals != self.locals {
+            self.locals = locals.clone();
+            let _ = self.worker.send(WorkerMsg::Locals(locals));
+        }
+    }
+
     fn network(&self) -> engine::NetworkSnapshot {
         policy_view(&self.observer.snapshot())
     }
@@ -350,7 +371,7 @@ impl Daemon {
     /// be built keeps the old one running and is reported.
     fn replan(&mut self) {
         let rules = Arc::clone(self.rules.rules());
-        match plan::build(&rules.tunnel, self.rules.path(), self.binary.clone()) {
+        match plan::build(&rules.tunnel, self.binary.clone()) {
             Ok(new) => {
                 self.plan_error = None;
                 if new != self.plan {

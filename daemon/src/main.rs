@@ -21,6 +21,7 @@ use vane_policy::reload::RuleSource;
 mod control;
 mod daemon;
 mod plan;
+mod routing;
 mod rtnl;
 mod state;
 mod supervisor;
@@ -94,7 +95,7 @@ fn main() -> ExitCode {
         }
     };
     let binary = args.tunnel_binary.clone().unwrap_or_else(default_binary);
-    let plan = match plan::build(&rules.rules().tunnel, &args.config, binary.clone()) {
+    let plan = match plan::build(&rules.rules().tunnel, binary.clone()) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("vaned: {e}");

@@ -7,6 +7,7 @@ use ipnet::IpNet;
 use vane_policy::rules::TunnelSection;
 use vane_tunnel::config;
 
+use crate::routing::{FullTunnel, DEFAULT_FWMARK};
 use crate::tunnel::Plan;
 
 pub const DEFAULT_MTU: u16 = 1420;
@@ -16,12 +17,7 @@ pub enum PlanError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(
-        "{file}: include_all_networks = true (a full tunnel with its kill switch) is not supported by this vaned yet; \
-         set it to false to route only the peers' AllowedIPs through the tunnel"
-    )]
-    FullTunnel { file: String },
-    #[error(
-        "{file}: peer {peer}: AllowedIPs {net} is a default route; without include_all_networks vaned routes only narrower prefixes"
+        "{file}: peer {peer}: AllowedIPs {net} is a default route; set include_all_networks = true in the rule file's [tunnel] for a full tunnel (policy routing and kill switch), or list narrower prefixes"
     )]
     DefaultRoute {
         file: String,
@@ -31,22 +27,28 @@ pub enum PlanError {
 }
 
 /// Builds the plan. Endpoints with host names are resolved here.
-pub fn build(
-    tunnel: &TunnelSection,
-    rules_file: &std::path::Path,
-    binary: PathBuf,
-) -> Result<Plan, PlanError> {
-    if tunnel.include_all_networks {
-        return Err(PlanError::FullTunnel {
-            file: rules_file.display().to_string(),
-        });
-    }
+pub fn build(tunnel: &TunnelSection, binary: PathBuf) -> Result<Plan, PlanError> {
     let parsed = config::load(&tunnel.config)?;
-    let device = parsed.to_device_config(config::resolve_endpoint)?;
+    let mut device = parsed.to_device_config(config::resolve_endpoint)?;
+    let full = tunnel.include_all_networks.then(|| {
+        // The tunnel's UDP socket must carry a mark for the policy
+        // routing to tell its packets apart: the config's, or wg-quick's.
+        if device.fwmark == 0 {
+            device.fwmark = DEFAULT_FWMARK;
+        }
+        FullTunnel {
+            fwmark: device.fwmark,
+            exclude_local_networks: tunnel.exclude_local_networks,
+        }
+    });
     let mut routes = Vec::new();
     for p in &device.peers {
         for net in &p.allowed_ips {
             if net.prefix_len() == 0 {
+                if full.is_some() {
+                    // vane's own table holds the default routes.
+                    continue;
+                }
                 return Err(PlanError::DefaultRoute {
                     file: tunnel.config.display().to_string(),
                     peer: p.public_key.to_base64(),
@@ -65,5 +67,8 @@ pub fn build(
         routes,
         device,
         binary,
+        full,
+        dns_servers: parsed.interface.dns_servers.clone(),
+        dns_search: parsed.interface.dns_search.clone(),
     })
 }

@@ -20,7 +20,10 @@ use netlink_packet_route::link::{LinkFlags, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+
+use crate::routing::{Family, Rule, RULE_PROTOCOL};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use vane_observer::nl80211::{error_code, frames};
 
@@ -158,6 +161,76 @@ pub fn add_route(index: u32, net: IpNet, table: u32) -> io::Result<()> {
     )
 }
 
+fn rule_message(rule: &Rule) -> RuleMessage {
+    let mut m = RuleMessage::default();
+    m.header.family = match rule.family {
+        Family::V4 => AddressFamily::Inet,
+        Family::V6 => AddressFamily::Inet6,
+    };
+    m.header.action = RuleAction::ToTable;
+    m.header.table = u8::try_from(rule.table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+    m.attributes.push(RuleAttribute::Priority(rule.priority));
+    m.attributes.push(RuleAttribute::Table(rule.table));
+    m.attributes
+        .push(RuleAttribute::Protocol(RouteProtocol::from(RULE_PROTOCOL)));
+    if let Some(mark) = rule.not_fwmark {
+        m.header.flags = RuleFlags::Invert;
+        m.attributes.push(RuleAttribute::FwMark(mark));
+        m.attributes.push(RuleAttribute::FwMask(u32::MAX));
+    }
+    if let Some(len) = rule.suppress_prefixlen {
+        m.attributes.push(RuleAttribute::SuppressPrefixLen(len));
+    }
+    if let Some(to) = rule.to {
+        let to = to.trunc();
+        m.header.dst_len = to.prefix_len();
+        m.attributes.push(RuleAttribute::Destination(to.addr()));
+    }
+    m
+}
+
+/// Adds a policy routing rule; an identical one already there is fine.
+pub fn add_rule(rule: &Rule) -> io::Result<()> {
+    ignore(
+        request(
+            RouteNetlinkMessage::NewRule(rule_message(rule)),
+            NLM_F_CREATE | NLM_F_EXCL,
+        ),
+        libc::EEXIST,
+    )
+}
+
+/// Deletes a policy routing rule; one that is not there is fine.
+pub fn delete_rule(rule: &Rule) -> io::Result<()> {
+    ignore(
+        request(RouteNetlinkMessage::DelRule(rule_message(rule)), 0),
+        libc::ENOENT,
+    )
+}
+
+/// Deletes every rule of `family` at `priority` that carries vane's
+/// protocol number (the kernel matches a deletion on the attributes
+/// given), returning how many went. For the repair after a crash.
+pub fn delete_vane_rules(family: Family, priority: u32) -> io::Result<usize> {
+    let mut m = RuleMessage::default();
+    m.header.family = match family {
+        Family::V4 => AddressFamily::Inet,
+        Family::V6 => AddressFamily::Inet6,
+    };
+    m.attributes.push(RuleAttribute::Priority(priority));
+    m.attributes
+        .push(RuleAttribute::Protocol(RouteProtocol::from(RULE_PROTOCOL)));
+    // Bounded: a rule per local subnet at most, and subnets are few.
+    for n in 0..1024 {
+        match request(RouteNetlinkMessage::DelRule(m.clone()), 0) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(1024)
+}
+
 fn ignore(r: io::Result<()>, errno: i32) -> io::Result<()> {
     match r {
         Err(e) if e.raw_os_error() == Some(errno) => Ok(()),
@@ -169,6 +242,48 @@ fn ignore(r: io::Result<()>, errno: i32) -> io::Result<()> {
 mod tests {
     use super::*;
     use netlink_packet_core::{Emitable, Parseable};
+
+    #[test]
+    fn a_rule_message_says_what_ip_rule_would_show() {
+        let rule = Rule {
+            family: Family::V6,
+            priority: 32342,
+            table: 51820,
+            not_fwmark: Some(51820),
+            suppress_prefixlen: None,
+            to: Some("2001:db8::5/64".parse().unwrap()),
+        };
+        let m = rule_message(&rule);
+        let mut bytes = vec![0; m.buffer_len()];
+        m.emit(&mut bytes);
+        let back = RuleMessage::parse(bytes.as_slice()).unwrap();
+        assert_eq!(back.header.family, AddressFamily::Inet6);
+        assert_eq!(back.header.action, RuleAction::ToTable);
+        assert!(back.header.flags.contains(RuleFlags::Invert));
+        assert_eq!(back.header.dst_len, 64);
+        for a in [
+            RuleAttribute::Priority(32342),
+            RuleAttribute::Table(51820),
+            RuleAttribute::FwMark(51820),
+            RuleAttribute::Destination("2001:db8::".parse().unwrap()),
+            RuleAttribute::Protocol(RouteProtocol::Other(RULE_PROTOCOL)),
+        ] {
+            assert!(back.attributes.contains(&a), "{a:?} in {back:?}");
+        }
+        let suppress = rule_message(&Rule {
+            family: Family::V4,
+            priority: 32341,
+            table: 254,
+            not_fwmark: None,
+            suppress_prefixlen: Some(0),
+            to: None,
+        });
+        assert!(!suppress.header.flags.contains(RuleFlags::Invert));
+        assert_eq!(suppress.header.table, 254);
+        assert!(suppress
+            .attributes
+            .contains(&RuleAttribute::SuppressPrefixLen(0)));
+    }
 
     #[test]
     fn a_route_message_names_the_prefix_link_and_table() {

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 use vane_tunnel::model::DeviceConfig;
 
+use crate::routing::{self, FullTunnel, Rule};
 use crate::rtnl;
 use crate::supervisor::Action;
 use crate::uapi_client;
@@ -44,6 +45,11 @@ pub struct Plan {
     pub routes: Vec<IpNet>,
     pub device: DeviceConfig,
     pub binary: PathBuf,
+    /// `include_all_networks`: policy routing into the tunnel.
+    pub full: Option<FullTunnel>,
+    /// The tunnel config's `DNS =`, applied while connected.
+    pub dns_servers: Vec<std::net::IpAddr>,
+    pub dns_search: Vec<String>,
 }
 
 /// What the worker reports.
@@ -68,6 +74,12 @@ pub struct Worker {
     socket: Option<UdpSocket>,
     running: Option<Running>,
     reports: mpsc::UnboundedSender<Report>,
+    /// The uplinks' directly attached subnets, for the full tunnel's rules.
+    locals: Vec<IpNet>,
+    /// The policy routing rules in place (full tunnel).
+    rules: Vec<Rule>,
+    /// The device is set up (between a start and a stop).
+    up: bool,
 }
 
 impl Worker {
@@ -77,7 +89,54 @@ impl Worker {
             socket: None,
             running: None,
             reports,
+            locals: Vec::new(),
+            rules: Vec::new(),
+            up: false,
         }
+    }
+
+    /// The uplinks' subnets changed: the full tunnel's rules follow.
+    pub fn set_locals(&mut self, locals: Vec<IpNet>) {
+        if locals == self.locals {
+            return;
+        }
+        self.locals = locals;
+        if self.up {
+            if let Err(e) = self.sync_rules() {
+                warn!(interface = %self.plan.ifname, "policy routing rules: {e}");
+            }
+        }
+    }
+
+    /// Makes the policy routing rules what the plan and the local subnets
+    /// ask for: new ones are added before old ones go, so no packet meets
+    /// a moment without a rule.
+    fn sync_rules(&mut self) -> io::Result<()> {
+        let want = match &self.plan.full {
+            Some(ft) if self.up => routing::rules(ft, &self.locals),
+            _ => Vec::new(),
+        };
+        let new: Vec<Rule> = want
+            .iter()
+            .filter(|r| !self.rules.contains(r))
+            .copied()
+            .collect();
+        for r in &new {
+            rtnl::add_rule(r).map_err(|e| io::Error::new(e.kind(), format!("rule {r:?}: {e}")))?;
+            self.rules.push(*r);
+        }
+        let stale: Vec<Rule> = self
+            .rules
+            .iter()
+            .filter(|r| !want.contains(r))
+            .copied()
+            .collect();
+        for r in stale {
+            rtnl::delete_rule(&r)
+                .map_err(|e| io::Error::new(e.kind(), format!("rule {r:?}: {e}")))?;
+            self.rules.retain(|x| *x != r);
+        }
+        Ok(())
     }
 
     /// A new plan (the configuration changed); used from the next start.
@@ -115,6 +174,8 @@ impl Worker {
         // A process of an older generation (it failed) must be gone first.
         self.kill().await;
         let index = self.ensure_device().context("setting up the interface")?;
+        self.up = true;
+        self.sync_rules().context("policy routing")?;
         let socket = match &self.socket {
             Some(s) => s,
             None => {
@@ -194,6 +255,13 @@ impl Worker {
             rtnl::add_route(index, *r, MAIN_TABLE)
                 .map_err(|e| io::Error::new(e.kind(), format!("route {r}: {e}")))?;
         }
+        if let Some(ft) = &plan.full {
+            for r in routing::table_routes() {
+                rtnl::add_route(index, r, ft.table()).map_err(|e| {
+                    io::Error::new(e.kind(), format!("route {r} table {}: {e}", ft.table()))
+                })?;
+            }
+        }
         Ok(index)
     }
 
@@ -221,6 +289,12 @@ impl Worker {
     /// addresses go with it) and the socket.
     pub async fn stop(&mut self) {
         self.kill().await;
+        self.up = false;
+        if let Err(e) = self.sync_rules() {
+            warn!(interface = %self.plan.ifname, "removing the policy routing rules: {e}");
+            remove_stale_rules();
+            self.rules.clear();
+        }
         if let Some(index) = rtnl::link_index(&self.plan.ifname) {
             if let Err(e) = rtnl::delete_link(index) {
                 warn!(interface = %self.plan.ifname, "cannot delete the interface: {e}");
@@ -320,6 +394,25 @@ async fn watch_child(
     };
     warn!(generation, "{error}");
     let _ = reports.send(Report::Failed { generation, error });
+}
+
+/// Removes every rule vane may have left (a crash, a failed removal).
+pub fn remove_stale_rules() {
+    for family in [routing::Family::V4, routing::Family::V6] {
+        for priority in routing::PRIORITIES {
+            match rtnl::delete_vane_rules(family, priority) {
+                Ok(0) => {}
+                Ok(n) => info!(
+                    ?family,
+                    priority, "removed {n} policy routing rule(s) left by an earlier run"
+                ),
+                Err(e) => warn!(
+                    ?family,
+                    priority, "cannot remove vane's policy routing rules: {e}"
+                ),
+            }
+        }
+    }
 }
 
 /// A tunnel process left running by a vaned that died (its children

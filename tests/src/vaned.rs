@@ -60,6 +60,12 @@ impl Lab {
     /// `rules` is the rule file after its `[tunnel]` section (which the lab
     /// writes).
     pub fn new(rules: &str) -> Result<Lab> {
+        Lab::new_with(rules, "10.99.0.2/32, fd99::2/128", "")
+    }
+
+    /// A lab whose tunnel config gives the server `allowed_ips` and has
+    /// `extra` in its [Interface] (say `DNS = ...`).
+    pub fn new_with(rules: &str, allowed_ips: &str, extra: &str) -> Result<Lab> {
         crate::require_root();
         let pair = Pair::new()?;
         pair.a
@@ -101,8 +107,8 @@ impl Lab {
         let conf = dir.write(
             "vane0.conf",
             &format!(
-                "[Interface]\nPrivateKey = {}\nListenPort = 51820\nAddress = 10.99.0.1/24, fd99::1/64\n\n\
-                 [Peer]\nPublicKey = {}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 10.99.0.2/32, fd99::2/128\nPersistentKeepalive = 25\n",
+                "[Interface]\nPrivateKey = {}\nListenPort = 51820\nAddress = 10.99.0.1/24, fd99::1/64\n{extra}\n\
+                 [Peer]\nPublicKey = {}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = {allowed_ips}\nPersistentKeepalive = 25\n",
                 keys.private, server_keys.public
             ),
         )?;
