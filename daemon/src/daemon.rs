@@ -96,6 +96,7 @@ pub async fn run(options: Options) -> Result<()> {
         mut observer,
     } = options;
     observer.exclusions.ifnames.insert(plan.ifname.clone());
+    observer.exclusions.table = plan.full.map(|f| f.table());
     observer.interface_overrides = overrides(&rules);
     let observer = Observer::start(observer)
         .await
@@ -375,9 +376,10 @@ impl Daemon {
             Ok(new) => {
                 self.plan_error = None;
                 if new != self.plan {
-                    if new.ifname != self.plan.ifname {
+                    if new.ifname != self.plan.ifname || new.full != self.plan.full {
                         let mut ex = Exclusions::default();
                         ex.ifnames.insert(new.ifname.clone());
+                        ex.table = new.full.map(|f| f.table());
                         self.observer.set_exclusions(ex);
                     }
                     let restart = !matches!(self.supervisor.state(), TunnelState::Down);
