@@ -66,6 +66,14 @@ enum Command {
     /// Read the rule file again (as SIGHUP does); a bad file is refused and
     /// the rules in force stay.
     Reload(JsonFlag),
+    /// With `lockdown = true`: `off` lets traffic leave unprotected while
+    /// the tunnel is down, `on` blocks it again (persisted).
+    Lockdown {
+        #[arg(value_enum)]
+        state: OnOff,
+        #[arg(long)]
+        json: bool,
+    },
     /// The underlying network as vaned sees it.
     Network(JsonFlag),
     /// Stream network and status changes until interrupted.
@@ -179,6 +187,13 @@ fn main() -> ExitCode {
             json,
         ),
         Command::Reload(f) => control(&socket, ctl::Command::Reload {}, f.json),
+        Command::Lockdown { state, json } => control(
+            &socket,
+            ctl::Command::Lockdown {
+                engaged: matches!(state, OnOff::On),
+            },
+            json,
+        ),
         Command::Network(f) => control(&socket, ctl::Command::Network {}, f.json),
         Command::Watch(f) => watch(&socket, f.json),
         Command::Completions { shell } => {
@@ -386,6 +401,7 @@ fn test(args: TestArgs) -> ExitCode {
     };
     let intent = UserIntent {
         on_demand_disabled: args.on_demand_disabled,
+        lockdown_released: false,
         manual: args.user_intent.map(|i| ManualIntent {
             want: match i {
                 IntentArg::Up => vane_policy::engine::Manual::Up,

@@ -83,6 +83,9 @@ pub enum Command {
     OnDemand { enabled: bool },
     /// Read the rule file again.
     Reload {},
+    /// Engage or release the full tunnel's lockdown (persisted): released,
+    /// traffic may leave unprotected while the tunnel is down.
+    Lockdown { engaged: bool },
 }
 
 impl Command {
@@ -104,6 +107,7 @@ impl Command {
             Command::Resume {} => "resume",
             Command::OnDemand { .. } => "on-demand",
             Command::Reload {} => "reload",
+            Command::Lockdown { .. } => "lockdown",
         }
     }
 }
@@ -256,6 +260,24 @@ pub struct TunnelStatus {
     pub last_error: Option<String>,
     pub listen_port: Option<u16>,
     pub peers: Vec<PeerStatus>,
+    /// The full tunnel's kill switch; `None` when the tunnel is not a full
+    /// tunnel (`include_all_networks = false`).
+    #[serde(default)]
+    pub kill_switch: Option<KillSwitchView>,
+}
+
+/// The kill switch (nftables `table inet vane`) of a full tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KillSwitchView {
+    /// Whether it blocks traffic outside the tunnel now.
+    pub active: bool,
+    /// `lockdown = true` in the rule file: it stays on while the tunnel is
+    /// down, unless the user released it.
+    pub lockdown: bool,
+    /// The user released the lockdown (`vanectl lockdown off`).
+    pub released: bool,
+    /// Why it could not be put in place or removed, if so.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,8 +14,8 @@ use tokio::sync::{broadcast, mpsc};
 use tracing::{error, info, warn};
 use vane_ctl::proto::{Command, TunnelState};
 use vane_ctl::proto::{
-    DaemonView, DecisionView, ErrorCode, Event, IntentView, NetworkView, ProtoError, ReloadOutcome,
-    Reply, RulesView, Status, TunnelStatus,
+    DaemonView, DecisionView, ErrorCode, Event, IntentView, KillSwitchView, NetworkView,
+    ProtoError, ReloadOutcome, Reply, RulesView, Status, TunnelStatus,
 };
 use vane_observer::{Exclusions, Observer, ObserverConfig};
 use vane_policy::engine::{self, Decision, Desired, Manual, ManualIntent, Probes, UserIntent};
@@ -44,6 +44,7 @@ enum WorkerMsg {
     Act(Action),
     Plan(Box<Plan>),
     Locals(Vec<ipnet::IpNet>),
+    Protect(bool),
 }
 
 struct Daemon {
@@ -69,6 +70,11 @@ struct Daemon {
     parked: Vec<tokio::sync::oneshot::Sender<Result<Reply, ProtoError>>>,
     /// The uplinks' subnets last told to the worker.
     locals: Vec<ipnet::IpNet>,
+    /// The kill switch wish last told to the worker (`None`: not yet).
+    protect_sent: Option<bool>,
+    /// What the worker last reported of the kill switch.
+    kill_switch_active: bool,
+    kill_switch_error: Option<String>,
 }
 
 /// Converts the observer's snapshot to what the rule engine reads.
@@ -95,8 +101,7 @@ pub async fn run(options: Options) -> Result<()> {
         group,
         mut observer,
     } = options;
-    observer.exclusions.ifnames.insert(plan.ifname.clone());
-    observer.exclusions.table = plan.full.map(|f| f.table());
+    observer.exclusions = exclusions(&plan);
     observer.interface_overrides = overrides(&rules);
     let observer = Observer::start(observer)
         .await
@@ -117,16 +122,29 @@ pub async fn run(options: Options) -> Result<()> {
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
     let (worker_tx, mut worker_rx) = mpsc::unbounded_channel::<WorkerMsg>();
     let mut worker = Worker::new(plan.clone(), reports_tx);
+    match crate::killswitch::present() {
+        Ok(true) => {
+            warn!("a kill switch table from an earlier run is in place; the rules decide whether it stays");
+            worker.adopt_stale_kill_switch();
+        }
+        Ok(false) => {}
+        // No nft: there can be no table to repair; a full tunnel reports it.
+        Err(e) => info!("cannot look for a kill switch left by an earlier run: {e}"),
+    }
     let worker_task = tokio::spawn(async move {
         while let Some(m) = worker_rx.recv().await {
             match m {
                 WorkerMsg::Act(a) => worker.act(a).await,
                 WorkerMsg::Plan(p) => worker.set_plan(*p),
                 WorkerMsg::Locals(l) => worker.set_locals(l),
+                WorkerMsg::Protect(on) => worker.set_protect(on),
             }
         }
-        // The loop is gone: take the tunnel down with it.
+        // The loop is gone: take the tunnel down with it, and the kill
+        // switch (even in lockdown: a stopped vaned leaves the host as it
+        // found it).
         worker.stop().await;
+        worker.set_protect(false);
     });
 
     let (events, _) = broadcast::channel(64);
@@ -177,6 +195,9 @@ pub async fn run(options: Options) -> Result<()> {
         shutting_down: false,
         parked: Vec::new(),
         locals: Vec::new(),
+        protect_sent: None,
+        kill_switch_active: false,
+        kill_switch_error: None,
     };
     d.follow_locals();
     d.evaluate();
@@ -249,6 +270,18 @@ pub async fn run(options: Options) -> Result<()> {
     Ok(())
 }
 
+/// What the observer must not count as the underlying network: the
+/// tunnel's interface, vane's table, the tunnel's own DNS.
+fn exclusions(plan: &Plan) -> Exclusions {
+    Exclusions {
+        ifnames: [plan.ifname.clone()].into(),
+        table: plan.full.map(|f| f.table()),
+        dns_servers: plan.dns_servers.iter().copied().collect(),
+        dns_search_domains: plan.dns_search.iter().cloned().collect(),
+        ..Exclusions::default()
+    }
+}
+
 fn overrides(rules: &RuleSource) -> Vec<(String, vane_policy::rules::InterfaceType)> {
     rules
         .rules()
@@ -304,11 +337,30 @@ impl Daemon {
         self.dispatch(actions);
     }
 
+    /// Whether the kill switch should be on: a full tunnel that the
+    /// supervisor is keeping up (also while it restarts the tunnel), or in
+    /// lockdown that the user has not released. Never once vaned stops.
+    fn protect_wanted(&self) -> bool {
+        let lockdown = self.rules.rules().tunnel.lockdown && !self.intent.lockdown_released;
+        self.plan.full.is_some() && !self.shutting_down && (self.supervisor.wants_up() || lockdown)
+    }
+
     fn dispatch(&mut self, actions: Vec<Action>) {
+        // The worker takes its messages in order: the kill switch goes on
+        // before the tunnel starts and off after it has stopped.
+        let protect = self.protect_wanted();
+        if protect && self.protect_sent != Some(true) {
+            let _ = self.worker.send(WorkerMsg::Protect(true));
+            self.protect_sent = Some(true);
+        }
         for a in actions {
             if !matches!(a, Action::ArmTimer(_)) {
                 let _ = self.worker.send(WorkerMsg::Act(a));
             }
+        }
+        if !protect && self.protect_sent != Some(false) {
+            let _ = self.worker.send(WorkerMsg::Protect(false));
+            self.protect_sent = Some(false);
         }
         self.publish();
     }
@@ -331,6 +383,11 @@ impl Daemon {
             Report::Stopped => {
                 self.pid = None;
                 self.supervisor.stopped(now)
+            }
+            Report::KillSwitch { active, error } => {
+                self.kill_switch_active = active;
+                self.kill_switch_error = error;
+                Vec::new()
             }
         };
         self.dispatch(actions);
@@ -376,10 +433,8 @@ impl Daemon {
             Ok(new) => {
                 self.plan_error = None;
                 if new != self.plan {
-                    if new.ifname != self.plan.ifname || new.full != self.plan.full {
-                        let mut ex = Exclusions::default();
-                        ex.ifnames.insert(new.ifname.clone());
-                        ex.table = new.full.map(|f| f.table());
+                    let ex = exclusions(&new);
+                    if ex != exclusions(&self.plan) {
                         self.observer.set_exclusions(ex);
                     }
                     let restart = !matches!(self.supervisor.state(), TunnelState::Down);
@@ -448,6 +503,21 @@ impl Daemon {
                 self.set_intent(intent)?;
                 Ok(Reply::Status(self.status()))
             }
+            Command::Lockdown { engaged } => {
+                if !self.rules.rules().tunnel.lockdown {
+                    return Err(ProtoError {
+                        code: ErrorCode::Failed,
+                        message: format!(
+                            "lockdown is not configured ({} has no lockdown = true in [tunnel])",
+                            self.rules.path().display()
+                        ),
+                    });
+                }
+                let mut intent = self.intent.clone();
+                intent.lockdown_released = !engaged;
+                self.set_intent(intent)?;
+                Ok(Reply::Status(self.status()))
+            }
             Command::Reload {} => {
                 let outcome = self.reload();
                 Ok(Reply::Reloaded {
@@ -477,6 +547,12 @@ impl Daemon {
                     .or_else(|| self.supervisor.last_error().map(str::to_owned)),
                 listen_port: None,
                 peers: Vec::new(),
+                kill_switch: self.plan.full.map(|_| KillSwitchView {
+                    active: self.kill_switch_active,
+                    lockdown: rules.tunnel.lockdown,
+                    released: self.intent.lockdown_released,
+                    error: self.kill_switch_error.clone(),
+                }),
             },
             decision: DecisionView {
                 desired: self.decision.desired,

@@ -50,9 +50,6 @@
 //! The table stands beside any other firewall: in nftables a drop in any
 //! base chain is final, an accept elsewhere does not override it.
 
-// Not yet called by the daemon's worker (being wired in separately).
-#![allow(dead_code)]
-
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

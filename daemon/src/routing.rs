@@ -162,7 +162,6 @@ pub fn local_subnets(snapshot: &vane_observer::NetworkSnapshot) -> Vec<IpNet> {
 
 /// Link-local and link-scope multicast: what keeps the local link usable
 /// (and lets printers be discovered) when local networks bypass the tunnel.
-#[allow(dead_code)] // the kill switch's, wired next
 pub fn link_local_nets() -> Vec<IpNet> {
     ["169.254.0.0/16", "224.0.0.0/24", "fe80::/10", "ff02::/16"]
         .iter()
@@ -173,7 +172,6 @@ pub fn link_local_nets() -> Vec<IpNet> {
 /// The destinations the kill switch lets past the tunnel: with
 /// `exclude_local_networks`, the local subnets and the link-local ranges;
 /// otherwise none.
-#[allow(dead_code)] // the kill switch's, wired next
 pub fn kill_switch_allowed(ft: &FullTunnel, locals: &[IpNet]) -> Vec<IpNet> {
     if !ft.exclude_local_networks {
         return Vec::new();

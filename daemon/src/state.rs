@@ -129,6 +129,7 @@ mod tests {
     fn intent() -> UserIntent {
         UserIntent {
             on_demand_disabled: true,
+            lockdown_released: false,
             manual: Some(ManualIntent {
                 want: Manual::Down,
                 network: NetworkId("eth0|ethernet|-|".into()),

@@ -78,7 +78,7 @@ impl Supervisor {
     pub fn last_error(&self) -> Option<&str> {
         self.last_error.as_deref()
     }
-    #[cfg(test)]
+    /// Whether the tunnel is wanted up (also while it restarts).
     pub fn wants_up(&self) -> bool {
         self.want_up
     }

@@ -19,9 +19,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use vane_tunnel::model::DeviceConfig;
 
+use crate::killswitch;
 use crate::routing::{self, FullTunnel, Rule};
 use crate::rtnl;
 use crate::supervisor::Action;
@@ -55,9 +56,21 @@ pub struct Plan {
 /// What the worker reports.
 #[derive(Debug)]
 pub enum Report {
-    Started { generation: u64, pid: u32 },
-    Failed { generation: u64, error: String },
+    Started {
+        generation: u64,
+        pid: u32,
+    },
+    Failed {
+        generation: u64,
+        error: String,
+    },
     Stopped,
+    /// The kill switch is (or is not) in place now, and the error of the
+    /// last attempt to change it, if it failed.
+    KillSwitch {
+        active: bool,
+        error: Option<String>,
+    },
 }
 
 /// A running tunnel process, watched by a task that reports its exit.
@@ -80,6 +93,12 @@ pub struct Worker {
     rules: Vec<Rule>,
     /// The device is set up (between a start and a stop).
     up: bool,
+    /// The daemon wants the kill switch (full tunnel only).
+    protect: bool,
+    /// The kill switch in place, as last applied.
+    shield: Option<killswitch::Spec>,
+    /// A kill switch table left by an earlier vaned may be in place.
+    stale_shield: bool,
 }
 
 impl Worker {
@@ -92,7 +111,58 @@ impl Worker {
             locals: Vec::new(),
             rules: Vec::new(),
             up: false,
+            protect: false,
+            shield: None,
+            stale_shield: false,
         }
+    }
+
+    /// A kill switch table is in place from an earlier run: the first
+    /// decision replaces or removes it.
+    pub fn adopt_stale_kill_switch(&mut self) {
+        self.stale_shield = true;
+    }
+
+    /// Whether the kill switch should block traffic outside the tunnel.
+    pub fn set_protect(&mut self, on: bool) {
+        self.protect = on;
+        self.sync_kill_switch();
+    }
+
+    /// Makes the kill switch what the plan, the local subnets and the
+    /// daemon's wish say. `apply` replaces the table in one transaction,
+    /// so a change (new local subnets) never opens a gap.
+    fn sync_kill_switch(&mut self) {
+        let want = match (&self.plan.full, self.protect) {
+            (Some(ft), true) => Some(killswitch::Spec {
+                tunnel_if: self.plan.ifname.clone(),
+                fwmark: ft.fwmark,
+                allow_nets: routing::kill_switch_allowed(ft, &self.locals),
+            }),
+            _ => None,
+        };
+        if want == self.shield && !self.stale_shield {
+            return;
+        }
+        let result = match &want {
+            Some(spec) => killswitch::apply(spec),
+            None => killswitch::remove(),
+        };
+        let error = match result {
+            Ok(()) => {
+                self.shield = want;
+                self.stale_shield = false;
+                None
+            }
+            Err(e) => {
+                error!(interface = %self.plan.ifname, "{e}");
+                Some(e.to_string())
+            }
+        };
+        let _ = self.reports.send(Report::KillSwitch {
+            active: self.shield.is_some() || self.stale_shield,
+            error,
+        });
     }
 
     /// The uplinks' subnets changed: the full tunnel's rules follow.
@@ -101,6 +171,7 @@ impl Worker {
             return;
         }
         self.locals = locals;
+        self.sync_kill_switch();
         if self.up {
             if let Err(e) = self.sync_rules() {
                 warn!(interface = %self.plan.ifname, "policy routing rules: {e}");
@@ -142,6 +213,7 @@ impl Worker {
     /// A new plan (the configuration changed); used from the next start.
     pub fn set_plan(&mut self, plan: Plan) {
         self.plan = plan;
+        self.sync_kill_switch();
     }
 
     /// Carries out one action.

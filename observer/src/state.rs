@@ -55,6 +55,16 @@ pub struct Exclusions {
     /// DNS servers that are the tunnel's, never the underlying network's.
     #[serde(default)]
     pub dns_servers: BTreeSet<IpAddr>,
+    /// Search domains that are the tunnel's (compared without case and
+    /// trailing dot): when vane itself writes resolv.conf, they must not
+    /// read as the underlying network's, or a `dns_search_domain` rule
+    /// would flap on the tunnel's own DNS.
+    #[serde(default)]
+    pub dns_search_domains: BTreeSet<String>,
+}
+
+fn domain_key(d: &str) -> String {
+    d.trim_end_matches('.').to_ascii_lowercase()
 }
 
 impl Exclusions {
@@ -353,7 +363,19 @@ impl NetState {
                 .filter(|s| !inputs.exclusions.dns_servers.contains(s))
                 .copied()
                 .collect(),
-            search_domains: inputs.dns.search_domains.clone(),
+            search_domains: inputs
+                .dns
+                .search_domains
+                .iter()
+                .filter(|d| {
+                    !inputs
+                        .exclusions
+                        .dns_search_domains
+                        .iter()
+                        .any(|x| domain_key(x) == domain_key(d))
+                })
+                .cloned()
+                .collect(),
         };
         NetworkSnapshot {
             available,

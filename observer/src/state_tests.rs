@@ -472,6 +472,15 @@ fn dns_and_own_dns_servers() {
     let d = diff(&snap(&s), &n);
     assert!(d.network_changed, "search domains are part of the identity");
     assert!(d.touches("dns"));
+
+    // The tunnel's own search domains are not the network's either.
+    let ex = Exclusions {
+        dns_servers: [ip("10.64.0.1")].into(),
+        dns_search_domains: ["Corp.Example.com.".to_owned()].into(),
+        ..Exclusions::default()
+    };
+    let n = snap_with(&s, &ex, &dns);
+    assert!(n.dns.search_domains.is_empty(), "{:?}", n.dns);
 }
 
 #[test]

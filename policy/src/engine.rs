@@ -93,6 +93,11 @@ pub struct UserIntent {
     /// A manual up or down and the network it was made on.
     #[serde(default)]
     pub manual: Option<ManualIntent>,
+    /// The user released the full tunnel's lockdown (`vanectl lockdown
+    /// off`): while the tunnel is down, traffic may leave unprotected.
+    /// Not an input of the decision; vaned's kill switch reads it.
+    #[serde(default)]
+    pub lockdown_released: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

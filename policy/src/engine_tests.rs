@@ -170,6 +170,7 @@ fn a_manual_down_beats_a_connect_rule_until_the_network_changes() {
     let here = wifi(b"Cafe");
     let intent = UserIntent {
         on_demand_disabled: false,
+        lockdown_released: false,
         manual: Some(ManualIntent {
             want: Manual::Down,
             network: here.identity(),
@@ -203,6 +204,7 @@ fn until_resumed_outlives_network_changes() {
     r.user_override = UserOverride::UntilResumed;
     let intent = UserIntent {
         on_demand_disabled: false,
+        lockdown_released: false,
         manual: Some(ManualIntent {
             want: Manual::Up,
             network: wifi(b"Home").identity(),
@@ -224,6 +226,7 @@ fn on_demand_disabled_follows_the_user_only() {
     let r = rules("[[on_demand.rule]]\naction = \"connect\"\n");
     let off = UserIntent {
         on_demand_disabled: true,
+        lockdown_released: false,
         manual: None,
     };
     let dec = decide(&r, &wired(), &off, &Probes::new());
@@ -231,6 +234,7 @@ fn on_demand_disabled_follows_the_user_only() {
     assert_eq!(dec.reason, Reason::OnDemandDisabled { manual: None });
     let up = UserIntent {
         on_demand_disabled: true,
+        lockdown_released: false,
         manual: Some(ManualIntent {
             want: Manual::Up,
             network: NetworkId("elsewhere".into()),
