@@ -21,7 +21,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 use vane_observer::{Change, NetworkSnapshot, Uplink};
-use vane_policy::engine::{Desired, Reason, UserIntent};
+use vane_policy::engine::{Desired, ProbeResult, Reason, UserIntent};
 use vane_policy::rules::Action;
 
 /// The protocol version this build speaks.
@@ -281,6 +281,27 @@ pub struct DecisionView {
     /// The explanation, structured.
     pub detail: Reason,
     pub probes_needed: Vec<String>,
+    /// The `probe_url` results on the current network (absent from a
+    /// vaned that does not run probes).
+    #[serde(default)]
+    pub probes: Vec<ProbeView>,
+}
+
+/// One `probe_url` result, cached for the current network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeView {
+    pub url: String,
+    /// `ok`: HTTP 200 in time; `fail`: anything else.
+    pub result: ProbeResult,
+    /// What happened, in words: `HTTP 200`, `HTTP 404 "Not Found"`,
+    /// `timed out after 5 s`, `connection refused`, ...
+    pub detail: String,
+    /// Unix time (seconds) the result came in.
+    pub checked: u64,
+    /// A fresh probe of the URL is running; this result stays in force
+    /// until it answers.
+    #[serde(default)]
+    pub running: bool,
 }
 
 /// The underlying network, flattened for reading; the full snapshot is in

@@ -21,6 +21,7 @@ use vane_policy::reload::RuleSource;
 mod control;
 mod daemon;
 mod plan;
+mod probe;
 mod rtnl;
 mod state;
 mod supervisor;
