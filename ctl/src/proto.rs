@@ -471,6 +471,25 @@ mod tests {
     }
 
     #[test]
+    fn a_decision_without_probes_decodes_and_probes_have_the_documented_form() {
+        let old = r#"{"desired":"up","action":"connect","rule":1,"reason":"r",
+            "detail":{"kind":"no-rule-matched"},"probes_needed":[]}"#;
+        let d: DecisionView = serde_json::from_str(old).unwrap();
+        assert!(d.probes.is_empty());
+        let p = ProbeView {
+            url: "http://192.0.2.2/ok".into(),
+            result: ProbeResult::Ok,
+            detail: "HTTP 200".into(),
+            checked: 1767262210,
+            running: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&p).unwrap(),
+            r#"{"url":"http://192.0.2.2/ok","result":"ok","detail":"HTTP 200","checked":1767262210,"running":false}"#
+        );
+    }
+
+    #[test]
     fn server_messages_decode_as_what_they_are() {
         let e = ServerMessage::Error {
             id: 3,

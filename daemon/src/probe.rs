@@ -306,7 +306,7 @@ impl Cache {
     /// uses. A URL runs at most once at a time. Results for URLs no rule
     /// names any more are dropped, and so are expired ones not refreshed
     /// (they would be stale when the rules decide again).
-    pub fn to_start(
+    pub fn begin(
         &mut self,
         needed: &[String],
         named: &BTreeSet<String>,
@@ -660,7 +660,7 @@ impl Prober {
         };
         let refresh = snap.available
             && matches!(decision.reason, Reason::Rule { .. } | Reason::NoRuleMatched);
-        let urls = self.cache.to_start(
+        let urls = self.cache.begin(
             &decision.probes_needed,
             &named_urls(rules),
             refresh,
@@ -847,10 +847,12 @@ mod tests {
         let mut c = Cache::default();
         assert!(c.set_network("home"));
         assert!(!c.set_network("home"));
-        let started = c.to_start(&[a.clone(), b.clone()], &named, true, t0);
+        let started = c.begin(&[a.clone(), b.clone()], &named, true, t0);
         assert_eq!(started.len(), 2);
         // Running: not started again.
-        assert!(c.to_start(&[a.clone()], &named, true, t0).is_empty());
+        assert!(c
+            .begin(std::slice::from_ref(&a), &named, true, t0)
+            .is_empty());
         assert!(c.probes().is_empty());
         assert_eq!(c.next_refresh(), None);
         let (sa, sb) = (started[0].1, started[1].1);
@@ -863,12 +865,12 @@ mod tests {
         assert_eq!(c.probes().get(&a), Some(&ProbeResult::Ok));
         assert_eq!(c.probes().get(&b), Some(&ProbeResult::Fail));
         assert_eq!(c.next_refresh(), Some(t0 + FAIL_TTL));
-        assert!(c.to_start(&[], &named, true, t0 + FAIL_TTL / 2).is_empty());
+        assert!(c.begin(&[], &named, true, t0 + FAIL_TTL / 2).is_empty());
 
         // The failure expires first: probed again, its result stays in force
         // meanwhile.
         let t1 = t0 + FAIL_TTL;
-        let again = c.to_start(&[], &named, true, t1);
+        let again = c.begin(&[], &named, true, t1);
         assert_eq!(again.iter().map(|x| &x.0).collect::<Vec<_>>(), [&b]);
         assert_eq!(c.probes().get(&b), Some(&ProbeResult::Fail));
         assert!(c.view().iter().any(|v| v.url == b && v.running));
@@ -877,7 +879,7 @@ mod tests {
         assert_eq!(c.probes().get(&b), Some(&ProbeResult::Ok));
         // The success after OK_TTL.
         let t2 = t0 + OK_TTL;
-        let again = c.to_start(&[], &named, true, t2);
+        let again = c.begin(&[], &named, true, t2);
         assert_eq!(again.iter().map(|x| &x.0).collect::<Vec<_>>(), [&a]);
 
         // Another network: everything goes, and a late result is dropped.
@@ -885,18 +887,18 @@ mod tests {
         assert!(c.probes().is_empty());
         assert!(!c.complete("home", &a, again[0].1, outcome(ProbeResult::Ok), t2, wall));
         assert!(!c.complete("cafe", &a, again[0].1, outcome(ProbeResult::Ok), t2, wall));
-        let s = c.to_start(&[a.clone()], &named, true, t2);
+        let s = c.begin(std::slice::from_ref(&a), &named, true, t2);
         assert_eq!(s.len(), 1);
         assert!(c.complete("cafe", &a, s[0].1, outcome(ProbeResult::Ok), t2, wall));
 
         // A URL no rule names any more is dropped; expired results are
         // dropped rather than refreshed while the rules do not decide.
         let only_b: BTreeSet<String> = [b.clone()].into();
-        assert!(c.to_start(&[], &only_b, true, t2).is_empty());
+        assert!(c.begin(&[], &only_b, true, t2).is_empty());
         assert!(c.probes().is_empty());
-        let s = c.to_start(&[b.clone()], &named, true, t2);
+        let s = c.begin(std::slice::from_ref(&b), &named, true, t2);
         assert!(c.complete("cafe", &b, s[0].1, outcome(ProbeResult::Fail), t2, wall));
-        assert!(c.to_start(&[], &named, false, t2 + FAIL_TTL).is_empty());
+        assert!(c.begin(&[], &named, false, t2 + FAIL_TTL).is_empty());
         assert!(c.probes().is_empty());
         assert_eq!(c.next_refresh(), None);
     }
