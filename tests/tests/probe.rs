@@ -32,13 +32,18 @@ struct HttpServer {
 
 impl HttpServer {
     fn start(lab: &Lab, status: u16) -> Result<HttpServer> {
+        HttpServer::start_on(lab, "192.0.2.2", status)
+    }
+
+    /// On `ip` (an address of the server's namespace).
+    fn start_on(lab: &Lab, ip: &'static str, status: u16) -> Result<HttpServer> {
         let status = Arc::new(AtomicU16::new(status));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
         let (st, sn, sp) = (status.clone(), seen.clone(), stop.clone());
         let thread = lab.pair.b.run_in(move || {
-            let listener = TcpListener::bind("192.0.2.2:0").context("bind")?;
+            let listener = TcpListener::bind((ip, 0)).context("bind")?;
             tx.send(listener.try_clone()?)?;
             for conn in listener.incoming() {
                 if sp.load(Ordering::SeqCst) {
@@ -110,10 +115,15 @@ impl Drop for HttpServer {
 
 /// Connect when the probe answers 200, else disconnect.
 fn rules(url: &str) -> String {
+    rules_else(url, "disconnect")
+}
+
+/// Connect when the probe answers 200, else `otherwise`.
+fn rules_else(url: &str, otherwise: &str) -> String {
     format!(
         "[on_demand]\nenabled = true\n\n\
          [[on_demand.rule]]\naction = \"connect\"\nprobe_url = \"{url}\"\n\n\
-         [[on_demand.rule]]\naction = \"disconnect\"\n"
+         [[on_demand.rule]]\naction = \"{otherwise}\"\n"
     )
 }
 
@@ -124,6 +134,16 @@ fn lab_with(url_of: impl FnOnce(&Lab) -> Result<String>) -> Lab {
     lab.write_rules(&format!("{tunnel}{}", rules(&url)))
         .unwrap();
     lab
+}
+
+/// Rewrites the lab's resolv.conf with another search domain: another
+/// network for the rules and the probe cache.
+fn move_to(lab: &Lab, domain: &str) {
+    std::fs::write(
+        &lab.resolv_conf,
+        format!("nameserver 192.0.2.53\nsearch {domain}\n"),
+    )
+    .unwrap();
 }
 
 /// The probe entry for `url` in a status.
@@ -262,11 +282,7 @@ fn a_network_change_probes_again() {
     // The server now says 404; the cached success would hold for minutes,
     // but another network (a new DNS search domain) is probed afresh.
     server.set_status(404);
-    std::fs::write(
-        &lab.resolv_conf,
-        "nameserver 192.0.2.53\nsearch elsewhere.example\n",
-    )
-    .unwrap();
+    move_to(&lab, "elsewhere.example");
     let s = wait_status(&vaned, "a fresh failed probe", |s| {
         probe_of(s, &url).is_some_and(|p| p["result"] == "fail")
     });
@@ -276,12 +292,93 @@ fn a_network_change_probes_again() {
 
     // And back: 200 on yet another network connects again.
     server.set_status(200);
-    std::fs::write(
-        &lab.resolv_conf,
-        "nameserver 192.0.2.53\nsearch office.example\n",
-    )
-    .unwrap();
+    move_to(&lab, "office.example");
     let s = vaned.wait_state("up", UP).unwrap();
     assert_eq!(s["decision"]["rule"], 1, "{s:#}");
     assert_eq!(probe_of(&s, &url).unwrap()["result"], "ok");
+}
+
+#[test]
+fn a_failed_probe_is_tried_again_on_the_same_network() {
+    // A captive portal that lets the host through after a while: the
+    // failure holds for 30 s (FAIL_TTL), then the probe runs again.
+    let mut server = None;
+    let lab = lab_with(|lab| {
+        let s = HttpServer::start(lab, 404)?;
+        let url = s.url();
+        server = Some(s);
+        Ok(url)
+    });
+    let server = server.unwrap();
+    let url = server.url();
+    let vaned = lab.start_vaned(&[]).unwrap();
+    let s = wait_status(&vaned, "the failed probe", |s| {
+        probe_of(s, &url).is_some_and(|p| p["result"] == "fail")
+    });
+    assert_eq!(s["tunnel"]["state"], "down", "{s:#}");
+    server.set_status(200);
+    // Nothing about the network changes; the retry comes after FAIL_TTL
+    // (30 s) and the rule matches.
+    let mut last = Value::Null;
+    let r = wait_until(Duration::from_secs(60), "the retried probe", || {
+        vaned.status().is_ok_and(|s| {
+            let hit = s["tunnel"]["state"] == "up";
+            last = s;
+            hit
+        })
+    });
+    r.unwrap_or_else(|e| panic!("{e}; last status: {last:#}"));
+    assert_eq!(probe_of(&last, &url).unwrap()["result"], "ok", "{last:#}");
+    assert!(server.requests().len() >= 2);
+}
+
+#[test]
+fn a_probe_bypasses_the_tunnel_even_where_the_tunnel_routes_its_host() {
+    // The probe's host, 203.0.113.80, is in the peer's AllowedIPs: once
+    // the tunnel is up the main table routes it through the tunnel. A
+    // probe must still leave by the uplink, so the server sees the
+    // client's uplink address (192.0.2.1), never its tunnel address.
+    let lab = Lab::new("").unwrap();
+    lab.pair
+        .b
+        .ip(&["addr", "add", "203.0.113.80/32", "dev", "lo"])
+        .unwrap();
+    let conf = lab.dir.path().join("vane0.conf");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    let allowed = "AllowedIPs = 10.99.0.2/32, fd99::2/128\n";
+    assert!(text.contains(allowed), "{text}");
+    std::fs::write(
+        &conf,
+        text.replace(
+            allowed,
+            "AllowedIPs = 10.99.0.2/32, fd99::2/128, 203.0.113.80/32\n",
+        ),
+    )
+    .unwrap();
+    let server = HttpServer::start_on(&lab, "203.0.113.80", 200).unwrap();
+    let url = server.url();
+    // While the probe is pending, the tunnel is left as it is.
+    let tunnel = lab.rules_text();
+    lab.write_rules(&format!("{tunnel}{}", rules_else(&url, "ignore")))
+        .unwrap();
+    let vaned = lab.start_vaned(&[]).unwrap();
+    vaned.wait_state("up", UP).unwrap();
+    let route = lab.pair.a.ip(&["route", "get", "203.0.113.80"]).unwrap();
+    assert!(route.contains(&format!("dev {}", lab.ifname)), "{route}");
+    let before = server.requests().len();
+
+    // Another network: probed again, now with the tunnel up.
+    move_to(&lab, "elsewhere.example");
+    wait_until(UP, "a probe with the tunnel up", || {
+        server.requests().len() > before
+    })
+    .unwrap();
+    let s = wait_status(&vaned, "its result", |s| {
+        probe_of(s, &url).is_some_and(|p| p["result"] == "ok")
+    });
+    assert_eq!(s["tunnel"]["state"], "up", "{s:#}");
+    let requests = server.requests();
+    for (peer, _) in &requests {
+        assert_eq!(peer.ip().to_string(), "192.0.2.1", "{requests:?}");
+    }
 }
