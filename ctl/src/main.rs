@@ -514,7 +514,9 @@ fn watch(socket: &std::path::Path, json: bool) -> ExitCode {
     let _ = client.set_read_timeout(None);
     let now = std::time::SystemTime::now();
     if json {
-        print_line_json(&Event::Status { status });
+        print_line_json(&Event::Status {
+            status: Box::new(status),
+        });
     } else {
         print!("{}", show::status(&status, now));
     }

@@ -21,7 +21,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 use vane_observer::{Change, NetworkSnapshot, Uplink};
-use vane_policy::engine::{Desired, Reason, UserIntent};
+use vane_policy::engine::{Desired, ProbeResult, Reason, UserIntent};
 use vane_policy::rules::Action;
 
 /// The protocol version this build speaks.
@@ -153,9 +153,9 @@ pub enum ReloadOutcome {
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Event {
     /// The underlying network changed.
-    Network { change: Change },
+    Network { change: Box<Change> },
     /// The status changed (tunnel state, decision, intent or rules).
-    Status { status: Status },
+    Status { status: Box<Status> },
     /// This watcher fell behind and missed `missed` events; the next
     /// status event is current.
     Lagged { missed: u64 },
@@ -303,6 +303,27 @@ pub struct DecisionView {
     /// The explanation, structured.
     pub detail: Reason,
     pub probes_needed: Vec<String>,
+    /// The `probe_url` results on the current network (absent from a
+    /// vaned that does not run probes).
+    #[serde(default)]
+    pub probes: Vec<ProbeView>,
+}
+
+/// One `probe_url` result, cached for the current network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeView {
+    pub url: String,
+    /// `ok`: HTTP 200 in time; `fail`: anything else.
+    pub result: ProbeResult,
+    /// What happened, in words: `HTTP 200`, `HTTP 404 "Not Found"`,
+    /// `timed out after 5 s`, `connection refused`, ...
+    pub detail: String,
+    /// Unix time (seconds) the result came in.
+    pub checked: u64,
+    /// A fresh probe of the URL is running; this result stays in force
+    /// until it answers.
+    #[serde(default)]
+    pub running: bool,
 }
 
 /// The underlying network, flattened for reading; the full snapshot is in
@@ -469,6 +490,25 @@ mod tests {
         ] {
             assert!(c.mutates(), "{c:?}");
         }
+    }
+
+    #[test]
+    fn a_decision_without_probes_decodes_and_probes_have_the_documented_form() {
+        let old = r#"{"desired":"up","action":"connect","rule":1,"reason":"r",
+            "detail":{"kind":"no-rule-matched"},"probes_needed":[]}"#;
+        let d: DecisionView = serde_json::from_str(old).unwrap();
+        assert!(d.probes.is_empty());
+        let p = ProbeView {
+            url: "http://192.0.2.2/ok".into(),
+            result: ProbeResult::Ok,
+            detail: "HTTP 200".into(),
+            checked: 1767262210,
+            running: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&p).unwrap(),
+            r#"{"url":"http://192.0.2.2/ok","result":"ok","detail":"HTTP 200","checked":1767262210,"running":false}"#
+        );
     }
 
     #[test]

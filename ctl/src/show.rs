@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::time::SystemTime;
 
 use vane_ctl::proto::{Event, NetworkView, Status};
-use vane_policy::engine::Manual;
+use vane_policy::engine::{Manual, ProbeResult};
 
 fn ago(then: u64, now: SystemTime) -> String {
     let now = now
@@ -114,6 +114,20 @@ pub fn status(st: &Status, now: SystemTime) -> String {
         let _ = writeln!(s, "  last error: {e}");
     }
     let _ = writeln!(s, "decision: {}", st.decision.reason);
+    for p in &st.decision.probes {
+        let _ = writeln!(
+            s,
+            "  probe {}: {} ({}), {}{}",
+            p.url,
+            match p.result {
+                ProbeResult::Ok => "ok",
+                ProbeResult::Fail => "fail",
+            },
+            p.detail,
+            ago(p.checked, now),
+            if p.running { ", probing again" } else { "" }
+        );
+    }
     let manual = match st.intent.persisted.manual.as_ref().map(|m| m.want) {
         Some(Manual::Up) => ", manual up in force",
         Some(Manual::Down) => ", manual down in force",

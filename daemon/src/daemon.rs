@@ -23,6 +23,7 @@ use vane_policy::reload::{Reloaded, RuleSource};
 
 use crate::control;
 use crate::plan;
+use crate::probe::{self, Prober};
 use crate::state::StateStore;
 use crate::supervisor::{Action, Supervisor};
 use crate::tunnel::{Plan, Report, Worker};
@@ -56,7 +57,7 @@ struct Daemon {
     store: StateStore,
     intent: UserIntent,
     observer: Observer,
-    probes: Probes,
+    prober: Prober,
     decision: Decision,
     supervisor: Supervisor,
     pid: Option<u32>,
@@ -120,6 +121,7 @@ pub async fn run(options: Options) -> Result<()> {
     crate::tunnel::remove_stale_rules();
 
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
+    let (probes_tx, mut probes_done) = mpsc::unbounded_channel::<probe::Done>();
     let (worker_tx, mut worker_rx) = mpsc::unbounded_channel::<WorkerMsg>();
     let mut worker = Worker::new(plan.clone(), reports_tx);
     match crate::killswitch::present() {
@@ -185,7 +187,7 @@ pub async fn run(options: Options) -> Result<()> {
         store,
         intent,
         observer,
-        probes: Probes::new(),
+        prober: Prober::new(probes_tx),
         supervisor: Supervisor::new(now),
         pid: None,
         worker: worker_tx,
@@ -214,11 +216,11 @@ pub async fn run(options: Options) -> Result<()> {
 
     loop {
         let timer = d.supervisor.timer();
+        let probe_refresh = d.prober.next_refresh();
         tokio::select! {
             change = network_changes.recv() => match change {
                 Ok(change) => {
-                    let _ = d.events.send(Event::Network { change });
-                    d.probes.clear();
+                    let _ = d.events.send(Event::Network { change: Box::new(change) });
                     d.follow_locals();
                     d.evaluate();
                 }
@@ -243,6 +245,14 @@ pub async fn run(options: Options) -> Result<()> {
                 }
             }
             Some(report) = reports.recv() => d.report(report),
+            Some(done) = probes_done.recv() => {
+                if d.prober.complete(done) {
+                    d.evaluate();
+                }
+            }
+            _ = async { tokio::time::sleep_until(probe_refresh.unwrap_or_else(Instant::now).into()).await }, if probe_refresh.is_some() => {
+                d.evaluate();
+            }
             Some(()) = reload_rx.recv() => {
                 while reload_rx.try_recv().is_ok() {}
                 d.reload();
@@ -309,8 +319,16 @@ impl Daemon {
     /// Decides again and moves the tunnel toward the decision.
     fn evaluate(&mut self) {
         let now = Instant::now();
-        let net = self.network();
-        let decision = engine::decide(self.rules.rules(), &net, &self.intent, &self.probes);
+        let snapshot = self.observer.snapshot();
+        let net = policy_view(&snapshot);
+        let probes = self.prober.results(&snapshot);
+        let decision = engine::decide(self.rules.rules(), &net, &self.intent, &probes);
+        self.prober.start(
+            &decision,
+            self.rules.rules(),
+            &snapshot,
+            self.plan.device.fwmark,
+        );
         if decision.override_expired {
             info!("the network changed: the manual override ends, the rules decide again");
             let mut intent = self.intent.clone();
@@ -561,6 +579,7 @@ impl Daemon {
                 reason: self.decision.to_string(),
                 detail: self.decision.reason.clone(),
                 probes_needed: self.decision.probes_needed.clone(),
+                probes: self.prober.view(),
             },
             network: NetworkView::from(&self.observer.snapshot()),
             intent: IntentView {
@@ -612,7 +631,7 @@ impl Daemon {
                 status.tunnel.state, status.decision.reason
             ))]);
             let _ = self.events.send(Event::Status {
-                status: status.clone(),
+                status: Box::new(status.clone()),
             });
             self.last_published = Some(status);
         }

@@ -22,6 +22,7 @@ mod control;
 mod daemon;
 mod killswitch;
 mod plan;
+mod probe;
 mod routing;
 mod rtnl;
 mod state;

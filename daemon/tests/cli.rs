@@ -51,12 +51,23 @@ fn bad_configuration_exits_2_naming_file_line_and_column_and_creates_nothing() {
     );
     refused(&vaned(&bad, dir.path()), "bad.toml:8:");
 
-    let full = write(
+    let wg_dns = write(
         dir.path(),
-        "full.toml",
-        &tunnel.replace("[tunnel]\n", "[tunnel]\ninclude_all_networks = true\n"),
+        "wg3.conf",
+        &WG.replace("\n\n[Peer]", "\nDNS = 10.9.0.53, not..a.domain\n\n[Peer]"),
     );
-    refused(&vaned(&full, dir.path()), "include_all_networks");
+    let dns = write(
+        dir.path(),
+        "dns.toml",
+        &format!(
+            "[tunnel]\ninterface = \"vt0\"\nconfig = \"{}\"\ninclude_all_networks = true\n",
+            wg_dns.display()
+        ),
+    );
+    refused(
+        &vaned(&dns, dir.path()),
+        "wg3.conf:3: DNS: \"not..a.domain\" is neither an IP address nor a domain name",
+    );
 
     let wg_bad = write(
         dir.path(),

@@ -185,6 +185,17 @@ fn everything_goes_through_the_tunnel_and_routing_is_restored() {
     // Put the route back for the comparison with the routing before.
     lab.default_via("192.0.2.2", &lab.pair.veth_a).unwrap();
     a.ip(&["link", "del", &second]).unwrap();
+    // vaned has seen the move back (a manual down made before that would
+    // end with the network change, as `until-network-change` says).
+    wait_until(UP, "vaned to see the first uplink again", || {
+        vaned.status().is_ok_and(|s| {
+            s["network"]["interface"] == lab.pair.veth_a.as_str()
+                && s["network"]["ipv4"]["addresses"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
+        })
+    })
+    .unwrap();
 
     // Down: every rule and route of vane's is gone.
     let o = vaned.ctl(&["down"]);
