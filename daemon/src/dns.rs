@@ -1383,3 +1383,179 @@ mod tests {
         assert!(err.to_string().contains("resolvconf: cannot frob"), "{err}");
     }
 }
+
+/// systemd-resolved's side, played by a fake Manager on a private
+/// dbus-daemon that records the calls it gets.
+#[cfg(test)]
+mod resolved_tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    struct Bus {
+        child: std::process::Child,
+        address: String,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Drop for Bus {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn private_bus() -> Bus {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("bus");
+        let address = format!("unix:path={}", socket.display());
+        let child = std::process::Command::new("dbus-daemon")
+            .args(["--session", "--nofork", "--nopidfile"])
+            .arg(format!("--address={address}"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("dbus-daemon (package dbus-daemon)");
+        let bus = Bus {
+            child,
+            address,
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dbus-daemon did not create its socket"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bus
+    }
+
+    #[derive(Debug, zbus::DBusError)]
+    #[zbus(prefix = "org.freedesktop.resolve1")]
+    enum ResolveError {
+        #[zbus(error)]
+        ZBus(zbus::Error),
+        NoSuchLink(String),
+    }
+
+    struct FakeManager {
+        calls: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl FakeManager {
+        fn log(&self, call: String) {
+            self.calls.lock().unwrap().push(call);
+        }
+    }
+
+    #[zbus::interface(name = "org.freedesktop.resolve1.Manager")]
+    impl FakeManager {
+        #[zbus(name = "SetLinkDNS")]
+        fn set_link_dns(&self, ifindex: i32, addresses: Vec<(i32, Vec<u8>)>) {
+            self.log(format!("SetLinkDNS {ifindex} {addresses:?}"));
+        }
+        #[zbus(name = "SetLinkDomains")]
+        fn set_link_domains(&self, ifindex: i32, domains: Vec<(String, bool)>) {
+            self.log(format!("SetLinkDomains {ifindex} {domains:?}"));
+        }
+        #[zbus(name = "SetLinkDefaultRoute")]
+        fn set_link_default_route(&self, ifindex: i32, enable: bool) {
+            self.log(format!("SetLinkDefaultRoute {ifindex} {enable}"));
+        }
+        #[zbus(name = "RevertLink")]
+        fn revert_link(&self, ifindex: i32) -> Result<(), ResolveError> {
+            self.log(format!("RevertLink {ifindex}"));
+            if ifindex == 99 {
+                return Err(ResolveError::NoSuchLink(format!(
+                    "Link {ifindex} not known"
+                )));
+            }
+            Ok(())
+        }
+    }
+
+    async fn connect(address: &str) -> zbus::Connection {
+        zbus::connection::Builder::address(address)
+            .unwrap()
+            .build()
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn resolved_gets_per_link_dns_and_revert_link() {
+        let bus = private_bus();
+        let client = connect(&bus.address).await;
+        assert!(!resolved_on(&client).await, "no resolved yet");
+
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let _server = zbus::connection::Builder::address(bus.address.as_str())
+            .unwrap()
+            .name(RESOLVE1)
+            .unwrap()
+            .serve_at(
+                RESOLVE1_PATH,
+                FakeManager {
+                    calls: calls.clone(),
+                },
+            )
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
+        assert!(resolved_on(&client).await);
+
+        let dir = tempfile::tempdir().unwrap();
+        let resolv = dir.path().join("resolv.conf");
+        let mut m =
+            DnsManager::new(resolv.clone(), dir.path().into(), Backend::Resolved).with_bus(client);
+        let full = TunnelDns {
+            servers: vec!["10.64.0.1".parse().unwrap(), "fd00::53".parse().unwrap()],
+            search: vec!["corp.example".into()],
+            full_tunnel: true,
+        };
+        m.apply("wg0", 7, &full).await.unwrap();
+        let split = TunnelDns {
+            full_tunnel: false,
+            search: vec![],
+            ..full.clone()
+        };
+        m.apply("wg0", 7, &split).await.unwrap();
+        m.revert("wg0", 7).await.unwrap();
+        // A link resolved no longer knows: reverted already.
+        m.revert("gone", 99).await.unwrap();
+
+        let fd00_53 = "[253, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 83]";
+        assert_eq!(
+            *calls.lock().unwrap(),
+            vec![
+                format!("SetLinkDNS 7 [(2, [10, 64, 0, 1]), (10, {fd00_53})]"),
+                r#"SetLinkDomains 7 [("corp.example", false), ("~.", true)]"#.to_owned(),
+                "SetLinkDefaultRoute 7 true".to_owned(),
+                format!("SetLinkDNS 7 [(2, [10, 64, 0, 1]), (10, {fd00_53})]"),
+                "SetLinkDomains 7 []".to_owned(),
+                "SetLinkDefaultRoute 7 false".to_owned(),
+                "RevertLink 7".to_owned(),
+                "RevertLink 99".to_owned(),
+            ]
+        );
+        assert!(!resolv.exists(), "resolv.conf is not touched");
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
+    }
+
+    #[tokio::test]
+    async fn resolved_errors_name_the_method() {
+        let bus = private_bus();
+        // Nobody owns org.freedesktop.resolve1 on this bus.
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = DnsManager::new(dir.path().join("r"), dir.path().into(), Backend::Resolved)
+            .with_bus(connect(&bus.address).await);
+        let dns = TunnelDns {
+            servers: vec!["10.64.0.1".parse().unwrap()],
+            search: vec![],
+            full_tunnel: true,
+        };
+        let err = m.apply("wg0", 7, &dns).await.unwrap_err();
+        assert!(err.to_string().contains("SetLinkDNS"), "{err}");
+    }
+}
