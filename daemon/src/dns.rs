@@ -426,6 +426,8 @@ impl FilePaths {
                 })
             }
             ApplyAction::BackupThenWrite(original) => {
+                let dir = parent(&self.backup);
+                std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
                 let bytes = encode_backup(&original).ok_or_else(|| DnsError::OddSymlink {
                     path: self.resolv.clone(),
                 })?;
@@ -764,6 +766,7 @@ impl DnsManager {
         }
         // The record first: a crash after resolvconf -a is then repaired.
         let path = self.record_path();
+        std::fs::create_dir_all(&self.state_dir).map_err(io_err("creating", &self.state_dir))?;
         let saved = Saved::File {
             content: format!("{record}\n").into_bytes(),
             mode: 0o600,
@@ -1179,6 +1182,21 @@ mod tests {
             std::fs::read_link(&lab.resolv).unwrap(),
             Path::new("target")
         );
+        lab.assert_clean();
+    }
+
+    #[tokio::test]
+    async fn file_a_missing_state_dir_is_created() {
+        let lab = lab();
+        lab.write_resolv(ORIGINAL, 0o644);
+        std::fs::remove_dir(&lab.state).unwrap();
+        let mut m = lab.manager();
+        m.apply("wg0", 7, &dns(&["10.64.0.1"], &[], false))
+            .await
+            .unwrap();
+        assert!(lab.backup().is_file());
+        m.revert("wg0", 7).await.unwrap();
+        assert_eq!(std::fs::read(&lab.resolv).unwrap(), ORIGINAL);
         lab.assert_clean();
     }
 
