@@ -473,6 +473,37 @@ impl FilePaths {
     }
 }
 
+/// The underlying network's resolv.conf while the file backend has put ours
+/// in its place: the original's content from the backup (a symlink's
+/// target read, relative to the link's directory; no file: empty). `None`
+/// when resolv.conf is not ours (read it as it is). For the network
+/// observer, which would otherwise take the tunnel's DNS for the network's.
+pub fn underlying_resolv_conf(
+    resolv: &Path,
+    state_dir: &Path,
+) -> Result<Option<Vec<u8>>, DnsError> {
+    if !is_ours(&read_saved(resolv)?) {
+        return Ok(None);
+    }
+    let backup = state_dir.join(BACKUP_NAME);
+    match read_backup(&backup)? {
+        None => Err(DnsError::LostBackup {
+            resolv: resolv.to_path_buf(),
+            backup,
+        }),
+        Some(Saved::Absent) => Ok(Some(Vec::new())),
+        Some(Saved::File { content, .. }) => Ok(Some(content)),
+        Some(Saved::Symlink(target)) => {
+            let target = parent(resolv).join(target);
+            match std::fs::read(&target) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Some(Vec::new())),
+                Err(e) => Err(io_err("reading", &target)(e)),
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The manager
 
@@ -1198,6 +1229,31 @@ mod tests {
         m.revert("wg0", 7).await.unwrap();
         assert_eq!(std::fs::read(&lab.resolv).unwrap(), ORIGINAL);
         lab.assert_clean();
+    }
+
+    #[tokio::test]
+    async fn the_underlying_resolv_conf_stays_readable() {
+        let lab = lab();
+        let mut m = lab.manager();
+        let tunnel = dns(&["10.64.0.1"], &[], true);
+        let under = || underlying_resolv_conf(&lab.resolv, &lab.state).unwrap();
+
+        lab.write_resolv(ORIGINAL, 0o644);
+        assert_eq!(under(), None);
+        m.apply("wg0", 7, &tunnel).await.unwrap();
+        assert_eq!(under().as_deref(), Some(ORIGINAL));
+        m.revert("wg0", 7).await.unwrap();
+        assert_eq!(under(), None);
+
+        let target = lab.etc.join("target");
+        std::fs::write(&target, b"nameserver 192.168.7.1\n").unwrap();
+        std::fs::remove_file(&lab.resolv).unwrap();
+        symlink("target", &lab.resolv).unwrap();
+        m.apply("wg0", 7, &tunnel).await.unwrap();
+        assert_eq!(under().as_deref(), Some(&b"nameserver 192.168.7.1\n"[..]));
+        std::fs::remove_file(&target).unwrap();
+        assert_eq!(under().as_deref(), Some(&b""[..]));
+        m.revert("wg0", 7).await.unwrap();
     }
 
     #[tokio::test]
