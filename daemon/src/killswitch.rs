@@ -159,7 +159,7 @@ pub fn ruleset(spec: &Spec) -> Result<String, KillSwitchError> {
     s.push_str("table inet vane {\n");
     let _ = writeln!(
         s,
-        "\tcomment \"vane kill switch for {ifname}: managed by vaned, removed by vanectl down or when vaned stops\""
+        "\tcomment \"vane kill switch for {ifname}: managed by vaned (by hand: nft delete table inet vane)\""
     );
     set_decl(&mut s, "allow4", "ipv4_addr", &v4);
     set_decl(&mut s, "allow6", "ipv6_addr", &v6);
@@ -299,7 +299,7 @@ mod tests {
         let want = "add table inet vane
 delete table inet vane
 table inet vane {
-\tcomment \"vane kill switch for wg0: managed by vaned, removed by vanectl down or when vaned stops\"
+\tcomment \"vane kill switch for wg0: managed by vaned (by hand: nft delete table inet vane)\"
 \tset allow4 {
 \t\ttype ipv4_addr
 \t\tflags interval
@@ -492,7 +492,7 @@ mod netns_tests {
             };
             apply(&s2).unwrap();
             let listed = ruleset_now();
-            assert_eq!(listed.matches("table inet vane").count(), 1, "{listed}");
+            assert_eq!(listed.matches("table inet vane {").count(), 1, "{listed}");
             assert!(listed.contains("oifname \"wg8\" accept"), "{listed}");
             assert!(!listed.contains("wg7"), "{listed}");
             assert!(!listed.contains("192.168.1.0/24"), "{listed}");
@@ -525,6 +525,26 @@ mod netns_tests {
             let text = err.to_string();
             assert!(text.contains("Error"), "{text}");
             assert!(!present().unwrap());
+
+            // A replacement nft refuses (a bad rule after the delete of
+            // the old table) leaves the old table whole: nothing of the
+            // script is committed. (This error is caught by nft before it
+            // talks to the kernel; a kernel-side failure aborts the one
+            // netlink batch the same way.)
+            let spec = Spec {
+                tunnel_if: "wg0".into(),
+                fwmark: 0x7,
+                allow_nets: vec!["10.0.0.0/8".parse().unwrap()],
+            };
+            apply(&spec).unwrap();
+            let before = ruleset_now();
+            let broken = ruleset(&spec)
+                .unwrap()
+                .replace("\t\toif \"lo\" accept\n", "\t\toif \"lo\" frobnicate\n");
+            assert!(broken.starts_with(REMOVE_SCRIPT));
+            let err = nft(&["-f", "-"], Some(&broken)).unwrap_err();
+            assert!(err.to_string().contains("frobnicate"), "{err}");
+            assert_eq!(ruleset_now(), before);
         });
     }
 

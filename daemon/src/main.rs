@@ -20,6 +20,7 @@ use vane_policy::reload::RuleSource;
 
 mod control;
 mod daemon;
+mod dns;
 mod killswitch;
 mod plan;
 mod probe;
