@@ -71,9 +71,9 @@ struct Args {
     /// resolv.conf of the underlying network.
     #[arg(long, value_name = "FILE", default_value = "/etc/resolv.conf")]
     resolv_conf: PathBuf,
-    /// Where the underlying network's DNS comes from: systemd-resolved
-    /// over D-Bus while it runs, else resolv.conf (auto); or one only.
-    /// (auto, resolved, resolv-conf).
+    /// Where the underlying network's DNS comes from: auto
+    /// (systemd-resolved over D-Bus while it runs, else resolv.conf),
+    /// resolved, or resolv-conf.
     #[arg(long, value_name = "SOURCE", default_value = "auto", value_parser = DnsSource::from_str)]
     dns_source: DnsSource,
     /// The sysfs root (interface types are read from it).
