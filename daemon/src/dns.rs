@@ -1550,7 +1550,6 @@ mod resolved_tests {
 
     async fn connect(address: &str) -> zbus::Connection {
         zbus::connection::Builder::address(address)
-            .unwrap()
             .build()
             .await
             .unwrap()
@@ -1564,16 +1563,13 @@ mod resolved_tests {
 
         let calls = Arc::new(Mutex::new(Vec::new()));
         let _server = zbus::connection::Builder::address(bus.address.as_str())
-            .unwrap()
             .name(RESOLVE1)
-            .unwrap()
             .serve_at(
                 RESOLVE1_PATH,
                 FakeManager {
                     calls: calls.clone(),
                 },
             )
-            .unwrap()
             .build()
             .await
             .unwrap();

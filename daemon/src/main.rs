@@ -11,11 +11,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::str::FromStr;
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
 use tracing::warn;
-use vane_observer::ObserverConfig;
+use vane_observer::{DnsSource, ObserverConfig};
 use vane_policy::reload::RuleSource;
 
 mod control;
@@ -74,6 +75,11 @@ struct Args {
     /// resolv.conf of the underlying network.
     #[arg(long, value_name = "FILE", default_value = "/etc/resolv.conf")]
     resolv_conf: PathBuf,
+    /// Where the underlying network's DNS comes from: auto
+    /// (systemd-resolved over D-Bus while it runs, else resolv.conf),
+    /// resolved, or resolv-conf.
+    #[arg(long, value_name = "SOURCE", default_value = "auto", value_parser = DnsSource::from_str)]
+    dns_source: DnsSource,
     /// The sysfs root (interface types are read from it).
     #[arg(long, value_name = "DIR", default_value = "/sys", hide = true)]
     sysfs: PathBuf,
@@ -191,6 +197,7 @@ async fn start(args: Args, rules: RuleSource, plan: tunnel::Plan, binary: PathBu
         sysfs_root: args.sysfs.clone(),
         ssid_file: args.ssid_file.clone(),
         resolv_conf: Some(args.resolv_conf.clone()),
+        dns_source: args.dns_source,
         ..ObserverConfig::default()
     };
     let result = daemon::run(daemon::Options {

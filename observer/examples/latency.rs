@@ -30,6 +30,7 @@ fn main() {
         &ns,
         ObserverConfig {
             resolv_conf: None,
+            dns_source: vane_observer::DnsSource::ResolvConf,
             coalesce_window: window,
             ..ObserverConfig::default()
         },

@@ -5,9 +5,10 @@
 //! wins), `#` and `;` comments. Unknown options and malformed addresses are
 //! ignored, as the resolver ignores them; the file is not refused.
 //!
-//! systemd-resolved over D-Bus is not read yet: with resolved running,
-//! /etc/resolv.conf names its stub (127.0.0.53); point the observer at
-//! /run/systemd/resolve/resolv.conf for the uplinks' real servers.
+//! This is the fallback source: while systemd-resolved is on the system
+//! bus, the observer takes the DNS from it instead (see
+//! [`crate::resolved`]), since /etc/resolv.conf then names only its stub
+//! (127.0.0.53).
 
 use std::io;
 use std::net::IpAddr;

@@ -10,16 +10,20 @@
 //! - [`nl80211`]: parsing of nl80211 interface replies, events and scan
 //!   results, with SSIDs as raw bytes.
 //! - [`ssid_file`], [`dns`]: the SSID file and resolv.conf.
+//! - [`resolved`]: systemd-resolved's per-link DNS (D-Bus values in,
+//!   [`Dns`] out).
 //! - [`Coalescer`]: leading-edge emission, follow-ups coalesced.
 //!
 //! The I/O shell is [`Observer`]: rtnetlink sockets, file watches, nl80211
-//! when the host has it.
+//! when the host has it, systemd-resolved over D-Bus when it runs.
 
 pub mod classify;
 pub mod coalesce;
 pub mod dns;
 pub mod nl80211;
 mod observer;
+pub mod resolved;
+mod resolved_bus;
 pub mod snapshot;
 pub mod ssid;
 pub mod ssid_file;
@@ -28,7 +32,8 @@ mod watch;
 
 pub use classify::{Classifier, GlobError};
 pub use coalesce::Coalescer;
-pub use observer::{Change, Observer, ObserverConfig, ObserverError};
+pub use observer::{Change, Observer, ObserverConfig, ObserverError, RESOLVED_TRIGGER_FILE};
+pub use resolved::DnsSource;
 
 pub use snapshot::{
     diff, Dns, FieldChange, IfAddress, InterfaceType, NetworkSnapshot, SnapshotDiff, Uplink,

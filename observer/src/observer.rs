@@ -1,5 +1,5 @@
-//! The I/O shell: rtnetlink sockets, nl80211, file watches, and the
-//! change stream.
+//! The I/O shell: rtnetlink sockets, nl80211, file watches, systemd-resolved
+//! over D-Bus, and the change stream.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -24,6 +24,8 @@ use crate::classify::{Classifier, GlobError};
 use crate::coalesce::{Coalescer, DEFAULT_WINDOW};
 use crate::dns::{read_resolv_conf, RESOLV_CONF};
 use crate::nl80211::{self, Nl80211};
+use crate::resolved::{link_to_read, underlying_dns, DnsSource};
+use crate::resolved_bus::ResolvedBus;
 use crate::snapshot::{diff, Dns, InterfaceType, NetworkSnapshot, SnapshotDiff};
 use crate::ssid::Ssid;
 use crate::ssid_file::{read_ssid_file, SsidMap};
@@ -38,6 +40,14 @@ const RTNLGRP_IPV6_ROUTE: u32 = 11;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 
+/// The file systemd-resolved rewrites on every change of its DNS
+/// configuration.
+pub const RESOLVED_TRIGGER_FILE: &str = "/run/systemd/resolve/resolv.conf";
+
+/// The bound on one exchange with the bus or resolved; the observer waits
+/// for it inline (a local bus answers in about a millisecond).
+const BUS_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How the observer is set up.
 #[derive(Debug, Clone)]
 pub struct ObserverConfig {
@@ -50,8 +60,19 @@ pub struct ObserverConfig {
     /// The SSID file (see [`crate::ssid_file`]), for hosts where nl80211
     /// does not tell. Its directory must exist.
     pub ssid_file: Option<PathBuf>,
-    /// resolv.conf to read and watch; `None` reports no DNS.
+    /// resolv.conf to read and watch; `None` reports no DNS (unless
+    /// systemd-resolved does, see `dns_source`).
     pub resolv_conf: Option<PathBuf>,
+    /// Where the DNS comes from: systemd-resolved when it is on the
+    /// system bus, else resolv.conf (the default); one of them only.
+    pub dns_source: DnsSource,
+    /// The system bus's D-Bus address (`unix:path=...`); `None`:
+    /// `DBUS_SYSTEM_BUS_ADDRESS`, else the standard socket.
+    pub system_bus: Option<String>,
+    /// A file systemd-resolved rewrites on every change, watched as the
+    /// trigger to read resolved again (it announces new search domains
+    /// on no D-Bus signal). `None`, or a missing directory: not watched.
+    pub resolved_trigger_file: Option<PathBuf>,
     /// Whether to use nl80211 when the host has it.
     pub nl80211: bool,
     /// Follow-ups after a leading-edge emission are coalesced over this.
@@ -68,6 +89,9 @@ impl Default for ObserverConfig {
             exclusions: Exclusions::default(),
             ssid_file: None,
             resolv_conf: Some(PathBuf::from(RESOLV_CONF)),
+            dns_source: DnsSource::Auto,
+            system_bus: None,
+            resolved_trigger_file: Some(PathBuf::from(RESOLVED_TRIGGER_FILE)),
             nl80211: true,
             coalesce_window: DEFAULT_WINDOW,
             event_rcvbuf: 1 << 20,
@@ -114,6 +138,7 @@ enum Command {
 enum FileEvent {
     Ssid,
     Dns,
+    Resolved,
 }
 
 /// A running observer. Dropping it stops it.
@@ -175,6 +200,20 @@ impl Observer {
                 })?,
             );
         }
+        let (resolved, resolved_events) = connect_resolved(&config).await;
+        if resolved.is_some() {
+            if let Some(p) = &config.resolved_trigger_file {
+                if p.parent().is_some_and(|d| d.is_dir()) {
+                    let tx = file_tx.clone();
+                    match watch_file(p, move || {
+                        let _ = tx.send(FileEvent::Resolved);
+                    }) {
+                        Ok(w) => watches.push(w),
+                        Err(e) => tracing::warn!("watching {}: {e}", p.display()),
+                    }
+                }
+            }
+        }
         let (ssid_err_tx, ssid_err_rx) = watch::channel(None);
         let mut core = Core {
             state: NetState::new(),
@@ -184,7 +223,9 @@ impl Observer {
             ssid_map: SsidMap::new(),
             ssid_error: ssid_err_tx,
             resolv_conf: config.resolv_conf.clone(),
-            dns: Dns::default(),
+            resolv_dns: Dns::default(),
+            dns_source: config.dns_source,
+            resolved,
             nl80211: None,
             nl80211_ssids: BTreeMap::new(),
             coalescer: Coalescer::new(config.coalesce_window),
@@ -194,6 +235,7 @@ impl Observer {
         core.full_dump().await?;
         core.reload_ssid_file();
         core.reload_dns();
+        core.recheck_resolved().await;
         let mut wifi_events = None;
         if config.nl80211 {
             match Nl80211::open() {
@@ -209,7 +251,7 @@ impl Observer {
                 Err(e) => tracing::warn!("nl80211: {e}; using the SSID file only"),
             }
         }
-        let first = core.compute();
+        let first = core.follow_primary().await;
         core.emitted = first.clone();
         let (snap_tx, snap_rx) = watch::channel(first);
         let (changes, _) = broadcast::channel(256);
@@ -221,6 +263,7 @@ impl Observer {
             events,
             wifi_events,
             file_rx,
+            resolved_events,
             cmd_rx,
             snap_tx,
             changes.clone(),
@@ -294,12 +337,66 @@ struct Core {
     ssid_map: SsidMap,
     ssid_error: watch::Sender<Option<String>>,
     resolv_conf: Option<PathBuf>,
-    dns: Dns,
+    /// What resolv.conf says.
+    resolv_dns: Dns,
+    dns_source: DnsSource,
+    /// systemd-resolved, when the bus could be reached (and the source is
+    /// not resolv.conf only).
+    resolved: Option<ResolvedState>,
     nl80211: Option<Nl80211>,
     nl80211_ssids: BTreeMap<u32, Option<Ssid>>,
     coalescer: Coalescer,
     emitted: NetworkSnapshot,
     dumper: Dumper,
+}
+
+/// What the observer knows of systemd-resolved.
+struct ResolvedState {
+    bus: ResolvedBus,
+    /// Whether its name has an owner.
+    present: bool,
+    /// The link its DNS was last read for (`Some(None)`: no primary
+    /// uplink); `None`: not read since it appeared.
+    read_for: Option<Option<u32>>,
+    /// The DNS last read; `None` until a read succeeds.
+    dns: Option<Dns>,
+}
+
+/// Connects to the system bus unless the DNS comes from resolv.conf only;
+/// without a bus, the DNS comes from resolv.conf (or, for resolved only,
+/// there is none).
+async fn connect_resolved(
+    config: &ObserverConfig,
+) -> (Option<ResolvedState>, Option<mpsc::UnboundedReceiver<()>>) {
+    if config.dns_source == DnsSource::ResolvConf {
+        return (None, None);
+    }
+    let connected = tokio::time::timeout(BUS_TIMEOUT, async {
+        let bus = ResolvedBus::connect(config.system_bus.as_deref()).await?;
+        let events = bus.subscribe().await?;
+        Ok::<_, zbus::Error>((bus, events))
+    })
+    .await;
+    let why = match connected {
+        Ok(Ok((bus, events))) => {
+            let state = ResolvedState {
+                bus,
+                present: false,
+                read_for: None,
+                dns: None,
+            };
+            return (Some(state), Some(events));
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer in {BUS_TIMEOUT:?}"),
+    };
+    match config.dns_source {
+        DnsSource::Resolved => {
+            tracing::warn!("system bus: {why}; no DNS without systemd-resolved")
+        }
+        _ => tracing::info!("system bus: {why}; DNS from resolv.conf"),
+    }
+    (None, None)
 }
 
 impl Core {
@@ -313,8 +410,100 @@ impl Core {
             exclusions: &self.exclusions,
             classify: &classify,
             ssid: &ssid,
-            dns: &self.dns,
+            dns: &self.dns(),
         })
+    }
+
+    /// The DNS in force: resolved's while it is on the bus (and was read),
+    /// else resolv.conf's, unless the source is resolved only.
+    fn dns(&self) -> Dns {
+        if let Some(ResolvedState {
+            present: true,
+            dns: Some(d),
+            ..
+        }) = &self.resolved
+        {
+            return d.clone();
+        }
+        match self.dns_source {
+            DnsSource::Resolved => Dns::default(),
+            _ => self.resolv_dns.clone(),
+        }
+    }
+
+    /// The link whose resolved DNS is the underlying network's.
+    fn primary_link(&self, snap: &NetworkSnapshot) -> Option<u32> {
+        link_to_read(
+            snap.primary().map(|u| (u.ifindex, u.interface.as_str())),
+            &self.exclusions,
+        )
+    }
+
+    /// Resolved may have appeared, gone or changed: look again.
+    async fn recheck_resolved(&mut self) {
+        let Some(r) = &mut self.resolved else { return };
+        let present = match tokio::time::timeout(BUS_TIMEOUT, r.bus.present()).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                tracing::warn!("system bus: asking for systemd-resolved: {e}");
+                r.present
+            }
+            Err(_) => {
+                tracing::warn!("system bus: no answer in {BUS_TIMEOUT:?}");
+                r.present
+            }
+        };
+        if present != r.present {
+            if present {
+                tracing::info!("systemd-resolved is on the bus: DNS from it");
+            } else if self.dns_source == DnsSource::Resolved {
+                tracing::warn!("systemd-resolved left the bus: no DNS");
+            } else {
+                tracing::info!("systemd-resolved left the bus: DNS from resolv.conf");
+            }
+        }
+        r.present = present;
+        r.read_for = None;
+        if !present {
+            r.dns = None;
+            return;
+        }
+        let link = self.primary_link(&self.compute());
+        self.read_resolved(link).await;
+    }
+
+    async fn read_resolved(&mut self, link: Option<u32>) {
+        let Some(r) = &mut self.resolved else { return };
+        r.read_for = Some(link);
+        match tokio::time::timeout(BUS_TIMEOUT, r.bus.read(link)).await {
+            Ok(Ok(view)) => {
+                let (dns, skipped) = underlying_dns(&view);
+                for e in skipped {
+                    tracing::warn!("systemd-resolved: {e}; skipped");
+                }
+                r.dns = Some(dns);
+            }
+            Ok(Err(e)) => tracing::warn!(
+                "systemd-resolved: reading the DNS of link {link:?}: {e}; keeping the previous DNS"
+            ),
+            Err(_) => tracing::warn!(
+                "systemd-resolved: no answer in {BUS_TIMEOUT:?}; keeping the previous DNS"
+            ),
+        }
+    }
+
+    /// The snapshot, with resolved's DNS read again first when the primary
+    /// uplink moved to another link.
+    async fn follow_primary(&mut self) -> NetworkSnapshot {
+        let snap = self.compute();
+        let link = self.primary_link(&snap);
+        match &self.resolved {
+            Some(r) if r.present && r.read_for != Some(link) => {
+                self.read_resolved(link).await;
+                self.compute()
+            }
+            _ => snap,
+        }
     }
 
     async fn full_dump(&mut self) -> Result<(), ObserverError> {
@@ -375,7 +564,7 @@ impl Core {
     fn reload_dns(&mut self) {
         let Some(p) = &self.resolv_conf else { return };
         match read_resolv_conf(p) {
-            Ok(d) => self.dns = d,
+            Ok(d) => self.resolv_dns = d,
             Err(e) => tracing::warn!("{}: {e}; keeping the previous DNS", p.display()),
         }
     }
@@ -394,8 +583,8 @@ impl Core {
 
     /// Something may have changed at `now`: emit at once on a leading
     /// edge, else remember it for the window's end.
-    fn touched(&mut self, now: Instant, out: &Emitter) {
-        let snap = self.compute();
+    async fn touched(&mut self, now: Instant, out: &Emitter) {
+        let snap = self.follow_primary().await;
         if snap == self.emitted {
             self.coalescer.cancel_pending();
             return;
@@ -405,9 +594,9 @@ impl Core {
         }
     }
 
-    fn window_ended(&mut self, now: Instant, out: &Emitter) {
+    async fn window_ended(&mut self, now: Instant, out: &Emitter) {
         if self.coalescer.on_timeout(now) {
-            let snap = self.compute();
+            let snap = self.follow_primary().await;
             if snap != self.emitted {
                 self.emit(snap, out);
             }
@@ -440,6 +629,7 @@ async fn run(
     events: AsyncFd<Socket>,
     wifi: Option<AsyncFd<Socket>>,
     mut files: mpsc::UnboundedReceiver<FileEvent>,
+    mut resolved_events: Option<mpsc::UnboundedReceiver<()>>,
     mut commands: mpsc::UnboundedReceiver<Command>,
     snapshot: watch::Sender<NetworkSnapshot>,
     changes: broadcast::Sender<Change>,
@@ -454,6 +644,12 @@ async fn run(
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let resolved_ready = async {
+            match &mut resolved_events {
+                Some(rx) => rx.recv().await,
                 None => std::future::pending().await,
             }
         };
@@ -510,7 +706,7 @@ async fn run(
                     }
                 }
                 if any || overrun {
-                    core.touched(Instant::now(), &out);
+                    core.touched(Instant::now(), &out).await;
                 }
             }
             r = wifi_ready => {
@@ -542,16 +738,34 @@ async fn run(
                 }
                 if requery {
                     core.requery_wifi();
-                    core.touched(Instant::now(), &out);
+                    core.touched(Instant::now(), &out).await;
                 }
             }
             ev = files.recv(), if files_open => {
                 match ev {
                     Some(FileEvent::Ssid) => core.reload_ssid_file(),
                     Some(FileEvent::Dns) => core.reload_dns(),
+                    Some(FileEvent::Resolved) => core.recheck_resolved().await,
                     None => files_open = false,
                 }
-                core.touched(Instant::now(), &out);
+                core.touched(Instant::now(), &out).await;
+            }
+            ev = resolved_ready => {
+                match ev {
+                    Some(()) => {
+                        // A burst of signals is one look.
+                        if let Some(rx) = &mut resolved_events {
+                            while rx.try_recv().is_ok() {}
+                        }
+                        core.recheck_resolved().await;
+                    }
+                    None => {
+                        tracing::warn!("the system bus connection closed; systemd-resolved is no longer followed");
+                        resolved_events = None;
+                        core.resolved = None;
+                    }
+                }
+                core.touched(Instant::now(), &out).await;
             }
             cmd = commands.recv(), if commands_open => {
                 match cmd {
@@ -563,10 +777,10 @@ async fn run(
                     }
                     None => commands_open = false,
                 }
-                core.touched(Instant::now(), &out);
+                core.touched(Instant::now(), &out).await;
             }
             () = sleep => {
-                core.window_ended(Instant::now(), &out);
+                core.window_ended(Instant::now(), &out).await;
             }
         }
     }

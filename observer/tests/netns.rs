@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use common::{percentile, replace_file, Netns, Running};
-use vane_observer::{Exclusions, InterfaceType, ObserverConfig, Ssid};
+use vane_observer::{DnsSource, Exclusions, InterfaceType, ObserverConfig, Ssid};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -37,6 +37,8 @@ fn config(dir: &std::path::Path) -> ObserverConfig {
         ],
         ssid_file: Some(dir.join("ssid")),
         resolv_conf: Some(resolv),
+        // Whatever the host runs, these tests read the file they write.
+        dns_source: DnsSource::ResolvConf,
         nl80211: true,
         ..ObserverConfig::default()
     }
