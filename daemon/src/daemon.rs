@@ -39,6 +39,10 @@ pub struct Options {
     pub listener: tokio::net::UnixListener,
     pub group: Option<u32>,
     pub observer: ObserverConfig,
+    /// The tunnel DNS backend; `None`: detect it.
+    pub dns_backend: Option<crate::dns::Backend>,
+    pub resolv_conf: PathBuf,
+    pub state_dir: PathBuf,
 }
 
 enum WorkerMsg {
@@ -101,7 +105,20 @@ pub async fn run(options: Options) -> Result<()> {
         listener,
         group,
         mut observer,
+        dns_backend,
+        resolv_conf,
+        state_dir,
     } = options;
+    // What a vaned that crashed left of its DNS goes first, before the
+    // observer reads the network's.
+    let backend = match dns_backend {
+        Some(b) => b,
+        None => crate::dns::detect().await,
+    };
+    let mut dns = crate::dns::DnsManager::new(resolv_conf.clone(), state_dir.clone(), backend);
+    if let Err(e) = dns.repair().await {
+        error!("cannot repair the DNS left by an earlier run: {e}");
+    }
     observer.exclusions = exclusions(&plan);
     observer.interface_overrides = overrides(&rules);
     let observer = Observer::start(observer)
@@ -124,6 +141,13 @@ pub async fn run(options: Options) -> Result<()> {
     let (probes_tx, mut probes_done) = mpsc::unbounded_channel::<probe::Done>();
     let (worker_tx, mut worker_rx) = mpsc::unbounded_channel::<WorkerMsg>();
     let mut worker = Worker::new(plan.clone(), reports_tx);
+    worker.set_dns(crate::tunnel::TunnelDnsShell {
+        manager: dns,
+        observer: observer.resolv_conf_override(),
+        resolv_conf,
+        state_dir,
+        applied: false,
+    });
     match crate::killswitch::present() {
         Ok(true) => {
             warn!("a kill switch table from an earlier run is in place; the rules decide whether it stays");

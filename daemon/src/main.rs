@@ -80,6 +80,12 @@ struct Args {
     /// resolved, or resolv-conf.
     #[arg(long, value_name = "SOURCE", default_value = "auto", value_parser = DnsSource::from_str)]
     dns_source: DnsSource,
+    /// How the tunnel's DNS (`DNS =` of its config) is applied while
+    /// connected: auto (systemd-resolved when it runs, else resolvconf
+    /// when installed, else a marked and backed-up resolv.conf), resolved,
+    /// resolvconf, or file (the --resolv-conf file itself).
+    #[arg(long, value_name = "BACKEND", value_enum, default_value_t = DnsBackendArg::Auto)]
+    dns_backend: DnsBackendArg,
     /// The sysfs root (interface types are read from it).
     #[arg(long, value_name = "DIR", default_value = "/sys", hide = true)]
     sysfs: PathBuf,
@@ -140,6 +146,25 @@ fn default_binary() -> PathBuf {
         .ok()
         .and_then(|p| p.parent().map(|d| d.join("vane-tunnel")))
         .unwrap_or_else(|| PathBuf::from("vane-tunnel"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DnsBackendArg {
+    Auto,
+    Resolved,
+    Resolvconf,
+    File,
+}
+
+impl DnsBackendArg {
+    fn backend(self) -> Option<dns::Backend> {
+        match self {
+            DnsBackendArg::Auto => None,
+            DnsBackendArg::Resolved => Some(dns::Backend::Resolved),
+            DnsBackendArg::Resolvconf => Some(dns::Backend::Resolvconf),
+            DnsBackendArg::File => Some(dns::Backend::File),
+        }
+    }
 }
 
 fn init_logging() {
@@ -209,6 +234,9 @@ async fn start(args: Args, rules: RuleSource, plan: tunnel::Plan, binary: PathBu
         listener,
         group,
         observer,
+        dns_backend: args.dns_backend.backend(),
+        resolv_conf: args.resolv_conf.clone(),
+        state_dir: args.state_dir.clone(),
     })
     .await;
     let _ = std::fs::remove_file(&socket);

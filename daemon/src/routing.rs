@@ -13,10 +13,13 @@
 //! follow the main table's default route, whichever uplink carries it
 //! now: roaming between uplinks needs nothing from vane.
 //!
-//! `exclude_local_networks = false` adds, before those, a rule per
-//! directly attached subnet of the uplinks sending unmarked packets for it
-//! to vane's table, so even the local network is reached through the
-//! tunnel. Link-local destinations are left alone either way: they are
+//! `exclude_local_networks = false` adds, before those, two rules per
+//! directly attached subnet of the uplinks: marked packets for it use the
+//! main table (the tunnel's own packets, when the endpoint is on the local
+//! network), every other packet for it goes to vane's table, so even the
+//! local network is reached through the tunnel. (Not one rule `not to S
+//! fwmark M`: a rule's `not` inverts its whole selector, so that rule
+//! would also catch every marked packet for any other destination.) Link-local destinations are left alone either way: they are
 //! scoped to their link and cannot be routed through a tunnel.
 //!
 //! The rules have fixed priorities and carry vane's own protocol number,
@@ -33,7 +36,10 @@ pub const DEFAULT_FWMARK: u32 = 51820;
 /// The protocol number on vane's rules (FRA_PROTOCOL); unassigned in
 /// iproute2's rt_protos.
 pub const RULE_PROTOCOL: u8 = 118;
-/// Unmarked packets to a local subnet: to vane's table
+/// Marked packets to a local subnet: the main table
+/// (`exclude_local_networks = false` only).
+pub const PRIO_LOCAL_MARKED: u32 = 32339;
+/// Other packets to a local subnet: to vane's table
 /// (`exclude_local_networks = false` only).
 pub const PRIO_LOCAL: u32 = 32340;
 /// The main table, default routes suppressed.
@@ -41,7 +47,7 @@ pub const PRIO_SUPPRESS: u32 = 32341;
 /// Unmarked packets: to vane's table.
 pub const PRIO_TUNNEL: u32 = 32342;
 /// All of vane's priorities, for the repair after a crash.
-pub const PRIORITIES: [u32; 3] = [PRIO_LOCAL, PRIO_SUPPRESS, PRIO_TUNNEL];
+pub const PRIORITIES: [u32; 4] = [PRIO_LOCAL_MARKED, PRIO_LOCAL, PRIO_SUPPRESS, PRIO_TUNNEL];
 
 /// The full tunnel's parameters, from the rule file and the tunnel config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,8 +85,10 @@ pub struct Rule {
     pub priority: u32,
     /// Lookup this table.
     pub table: u32,
-    /// Match packets WITHOUT this mark (`not fwmark M`).
-    pub not_fwmark: Option<u32>,
+    /// Match packets with this mark (`fwmark M`), or with `invert`,
+    /// packets without it (`not fwmark M`; only on rules without `to`).
+    pub fwmark: Option<u32>,
+    pub invert: bool,
     /// Ignore routes of this prefix length or shorter from the table.
     pub suppress_prefixlen: Option<u32>,
     /// Only for this destination.
@@ -98,9 +106,19 @@ pub fn rules(ft: &FullTunnel, locals: &[IpNet]) -> Vec<Rule> {
             for net in locals.iter().filter(|n| Family::of(n) == family) {
                 out.push(Rule {
                     family,
+                    priority: PRIO_LOCAL_MARKED,
+                    table: MAIN_TABLE,
+                    fwmark: Some(ft.fwmark),
+                    invert: false,
+                    suppress_prefixlen: None,
+                    to: Some(*net),
+                });
+                out.push(Rule {
+                    family,
                     priority: PRIO_LOCAL,
                     table: ft.table(),
-                    not_fwmark: Some(ft.fwmark),
+                    fwmark: None,
+                    invert: false,
                     suppress_prefixlen: None,
                     to: Some(*net),
                 });
@@ -110,7 +128,8 @@ pub fn rules(ft: &FullTunnel, locals: &[IpNet]) -> Vec<Rule> {
             family,
             priority: PRIO_SUPPRESS,
             table: MAIN_TABLE,
-            not_fwmark: None,
+            fwmark: None,
+            invert: false,
             suppress_prefixlen: Some(0),
             to: None,
         });
@@ -118,7 +137,8 @@ pub fn rules(ft: &FullTunnel, locals: &[IpNet]) -> Vec<Rule> {
             family,
             priority: PRIO_TUNNEL,
             table: ft.table(),
-            not_fwmark: Some(ft.fwmark),
+            fwmark: Some(ft.fwmark),
+            invert: true,
             suppress_prefixlen: None,
             to: None,
         });
@@ -245,8 +265,13 @@ mod tests {
                 (PRIO_SUPPRESS, MAIN_TABLE, Some(0))
             );
             assert_eq!(
-                (mine[1].priority, mine[1].table, mine[1].not_fwmark),
-                (PRIO_TUNNEL, 0x1234, Some(0x1234))
+                (
+                    mine[1].priority,
+                    mine[1].table,
+                    mine[1].fwmark,
+                    mine[1].invert
+                ),
+                (PRIO_TUNNEL, 0x1234, Some(0x1234), true)
             );
             // The main table is consulted first.
             assert!(mine[0].priority < mine[1].priority);
@@ -268,12 +293,25 @@ mod tests {
         let local: Vec<&Rule> = r.iter().filter(|x| x.priority == PRIO_LOCAL).collect();
         assert_eq!(local.len(), 2);
         for l in &local {
-            assert_eq!(l.table, 7);
-            assert_eq!(l.not_fwmark, Some(7));
+            assert_eq!((l.table, l.fwmark, l.invert), (7, None, false));
             assert_eq!(Family::of(&l.to.unwrap()), l.family);
             // Before the main table is consulted.
             assert!(l.priority < PRIO_SUPPRESS);
         }
+        // The tunnel's own packets to a local subnet (an endpoint on the
+        // local network) use the main table, before the rule above.
+        let marked: Vec<&Rule> = r
+            .iter()
+            .filter(|x| x.priority == PRIO_LOCAL_MARKED)
+            .collect();
+        assert_eq!(marked.len(), 2);
+        for m in &marked {
+            assert_eq!((m.table, m.fwmark, m.invert), (MAIN_TABLE, Some(7), false));
+            assert!(m.priority < PRIO_LOCAL);
+        }
+        // No inverted rule has a destination: `not` inverts the whole
+        // selector.
+        assert!(r.iter().all(|x| !(x.invert && x.to.is_some())));
         assert!(kill_switch_allowed(&ft, &locals).is_empty());
     }
 

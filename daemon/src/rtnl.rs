@@ -173,8 +173,10 @@ fn rule_message(rule: &Rule) -> RuleMessage {
     m.attributes.push(RuleAttribute::Table(rule.table));
     m.attributes
         .push(RuleAttribute::Protocol(RouteProtocol::from(RULE_PROTOCOL)));
-    if let Some(mark) = rule.not_fwmark {
+    if rule.invert {
         m.header.flags = RuleFlags::Invert;
+    }
+    if let Some(mark) = rule.fwmark {
         m.attributes.push(RuleAttribute::FwMark(mark));
         m.attributes.push(RuleAttribute::FwMask(u32::MAX));
     }
@@ -249,7 +251,8 @@ mod tests {
             family: Family::V6,
             priority: 32342,
             table: 51820,
-            not_fwmark: Some(51820),
+            fwmark: Some(51820),
+            invert: true,
             suppress_prefixlen: None,
             to: Some("2001:db8::5/64".parse().unwrap()),
         };
@@ -274,7 +277,8 @@ mod tests {
             family: Family::V4,
             priority: 32341,
             table: 254,
-            not_fwmark: None,
+            fwmark: None,
+            invert: false,
             suppress_prefixlen: Some(0),
             to: None,
         });

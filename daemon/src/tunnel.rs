@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 use vane_tunnel::model::DeviceConfig;
 
+use crate::dns;
 use crate::killswitch;
 use crate::routing::{self, FullTunnel, Rule};
 use crate::rtnl;
@@ -99,6 +100,20 @@ pub struct Worker {
     shield: Option<killswitch::Spec>,
     /// A kill switch table left by an earlier vaned may be in place.
     stale_shield: bool,
+    /// The tunnel's DNS, and the observer's view of the network's DNS.
+    dns: Option<TunnelDnsShell>,
+}
+
+/// What the worker needs to apply the tunnel's DNS.
+pub struct TunnelDnsShell {
+    pub manager: dns::DnsManager,
+    /// Tells the observer the network's own resolv.conf while ours stands
+    /// in its place.
+    pub observer: vane_observer::ResolvConfOverride,
+    pub resolv_conf: PathBuf,
+    pub state_dir: PathBuf,
+    /// Our DNS is in place.
+    pub applied: bool,
 }
 
 impl Worker {
@@ -114,6 +129,72 @@ impl Worker {
             protect: false,
             shield: None,
             stale_shield: false,
+            dns: None,
+        }
+    }
+
+    /// Enables the tunnel DNS (`DNS =` of the tunnel config).
+    pub fn set_dns(&mut self, shell: TunnelDnsShell) {
+        self.dns = Some(shell);
+    }
+
+    /// Puts the tunnel's DNS in place (again). The observer is first told
+    /// what the network's own resolv.conf says, so the rules go on seeing
+    /// the network's DNS, not the tunnel's.
+    async fn apply_dns(&mut self, ifindex: u32) -> Result<(), dns::DnsError> {
+        let plan = &self.plan;
+        let Some(shell) = &mut self.dns else {
+            return Ok(());
+        };
+        if plan.dns_servers.is_empty() && !shell.applied {
+            return Ok(());
+        }
+        if shell.manager.backend() != dns::Backend::Resolved && !plan.dns_servers.is_empty() {
+            let underlying =
+                match dns::underlying_resolv_conf(&shell.resolv_conf, &shell.state_dir)? {
+                    // Ours is in place: the network's is in the backup.
+                    Some(bytes) => Some(bytes),
+                    None if !shell.applied => {
+                        Some(std::fs::read(&shell.resolv_conf).unwrap_or_default())
+                    }
+                    // resolvconf's file with ours in it: the override stands.
+                    None => None,
+                };
+            if let Some(bytes) = underlying {
+                let text = String::from_utf8_lossy(&bytes);
+                shell
+                    .observer
+                    .set(Some(vane_observer::dns::parse_resolv_conf(&text)));
+            }
+        }
+        let tunnel_dns = dns::TunnelDns {
+            servers: plan.dns_servers.clone(),
+            search: plan.dns_search.clone(),
+            full_tunnel: plan.full.is_some(),
+        };
+        shell
+            .manager
+            .apply(&plan.ifname, ifindex, &tunnel_dns)
+            .await?;
+        shell.applied = !plan.dns_servers.is_empty();
+        if !shell.applied {
+            shell.observer.set(None);
+        }
+        Ok(())
+    }
+
+    /// Takes the tunnel's DNS away, restoring what was there exactly.
+    async fn revert_dns(&mut self, ifindex: u32) {
+        let Some(shell) = &mut self.dns else { return };
+        if !shell.applied {
+            return;
+        }
+        match shell.manager.revert(&self.plan.ifname, ifindex).await {
+            Ok(()) => {
+                shell.applied = false;
+                shell.observer.set(None);
+            }
+            Err(e) => error!(interface = %self.plan.ifname, "cannot restore the DNS: {e}"),
         }
     }
 
@@ -295,6 +376,16 @@ impl Worker {
         uapi_client::set(&path, &config)
             .await
             .context("configuring the tunnel")?;
+        if let Err(e) = self.apply_dns(index).await {
+            // A full tunnel without its DNS would send every name to the
+            // network's resolver: fail (the kill switch holds, the
+            // supervisor retries, the status says why). A split tunnel
+            // goes on with the network's DNS.
+            if self.plan.full.is_some() {
+                return Err(e).context("the tunnel's DNS");
+            }
+            warn!(interface = %self.plan.ifname, "the tunnel's DNS: {e}");
+        }
         Ok(pid)
     }
 
@@ -361,6 +452,8 @@ impl Worker {
     /// addresses go with it) and the socket.
     pub async fn stop(&mut self) {
         self.kill().await;
+        let index = rtnl::link_index(&self.plan.ifname).unwrap_or(0);
+        self.revert_dns(index).await;
         self.up = false;
         if let Err(e) = self.sync_rules() {
             warn!(interface = %self.plan.ifname, "removing the policy routing rules: {e}");

@@ -32,7 +32,9 @@ mod watch;
 
 pub use classify::{Classifier, GlobError};
 pub use coalesce::Coalescer;
-pub use observer::{Change, Observer, ObserverConfig, ObserverError, RESOLVED_TRIGGER_FILE};
+pub use observer::{
+    Change, Observer, ObserverConfig, ObserverError, ResolvConfOverride, RESOLVED_TRIGGER_FILE,
+};
 pub use resolved::DnsSource;
 
 pub use snapshot::{

@@ -133,6 +133,25 @@ pub enum ObserverError {
 enum Command {
     Exclusions(Exclusions),
     Classifier(Box<Classifier>),
+    ResolvConfOverride(Option<Dns>),
+}
+
+/// A handle that tells the observer what the underlying network's
+/// resolv.conf said while vane's own tunnel DNS stands in its place (vaned
+/// writes resolv.conf itself when neither systemd-resolved nor resolvconf
+/// runs): the rules keep seeing the network's DNS, not the tunnel's.
+#[derive(Debug, Clone)]
+pub struct ResolvConfOverride {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl ResolvConfOverride {
+    /// `Some`: use this instead of resolv.conf; `None`: read resolv.conf
+    /// again. Sent before resolv.conf is changed, it is in force before
+    /// the change is seen (commands are handled first).
+    pub fn set(&self, dns: Option<Dns>) {
+        let _ = self.commands.send(Command::ResolvConfOverride(dns));
+    }
 }
 
 enum FileEvent {
@@ -224,6 +243,7 @@ impl Observer {
             ssid_error: ssid_err_tx,
             resolv_conf: config.resolv_conf.clone(),
             resolv_dns: Dns::default(),
+            resolv_override: None,
             dns_source: config.dns_source,
             resolved,
             nl80211: None,
@@ -301,6 +321,13 @@ impl Observer {
         self.ssid_file_error.borrow().clone()
     }
 
+    /// The handle for [`ResolvConfOverride`].
+    pub fn resolv_conf_override(&self) -> ResolvConfOverride {
+        ResolvConfOverride {
+            commands: self.commands.clone(),
+        }
+    }
+
     /// Replaces the exclusions (the tunnel came up with a new ifindex).
     pub fn set_exclusions(&self, exclusions: Exclusions) {
         let _ = self.commands.send(Command::Exclusions(exclusions));
@@ -339,6 +366,8 @@ struct Core {
     resolv_conf: Option<PathBuf>,
     /// What resolv.conf says.
     resolv_dns: Dns,
+    /// What to use instead while vane's own resolv.conf stands in place.
+    resolv_override: Option<Dns>,
     dns_source: DnsSource,
     /// systemd-resolved, when the bus could be reached (and the source is
     /// not resolv.conf only).
@@ -427,7 +456,10 @@ impl Core {
         }
         match self.dns_source {
             DnsSource::Resolved => Dns::default(),
-            _ => self.resolv_dns.clone(),
+            _ => self
+                .resolv_override
+                .clone()
+                .unwrap_or_else(|| self.resolv_dns.clone()),
         }
     }
 
@@ -660,6 +692,22 @@ async fn run(
             }
         };
         tokio::select! {
+            // Commands first: an override sent before a file changes is in
+            // force when the change is read.
+            biased;
+            cmd = commands.recv(), if commands_open => {
+                match cmd {
+                    Some(Command::Exclusions(e)) => core.exclusions = e,
+                    Some(Command::ResolvConfOverride(d)) => core.resolv_override = d,
+                    Some(Command::Classifier(c)) => {
+                        let nl = core.nl80211_ssids.keys().copied().collect();
+                        core.classifier = *c;
+                        core.classifier.set_nl80211_interfaces(nl);
+                    }
+                    None => commands_open = false,
+                }
+                core.touched(Instant::now(), &out).await;
+            }
             r = events.readable() => {
                 let mut guard = match r {
                     Ok(g) => g,
@@ -764,18 +812,6 @@ async fn run(
                         resolved_events = None;
                         core.resolved = None;
                     }
-                }
-                core.touched(Instant::now(), &out).await;
-            }
-            cmd = commands.recv(), if commands_open => {
-                match cmd {
-                    Some(Command::Exclusions(e)) => core.exclusions = e,
-                    Some(Command::Classifier(c)) => {
-                        let nl = core.nl80211_ssids.keys().copied().collect();
-                        core.classifier = *c;
-                        core.classifier.set_nl80211_interfaces(nl);
-                    }
-                    None => commands_open = false,
                 }
                 core.touched(Instant::now(), &out).await;
             }

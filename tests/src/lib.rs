@@ -98,6 +98,11 @@ impl TempDir {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700))?;
         Ok(TempDir(p))
     }
+    /// A new directory at `path` (which must not exist), removed on drop.
+    pub fn at(path: PathBuf) -> Result<TempDir> {
+        std::fs::create_dir(&path).with_context(|| format!("create {}", path.display()))?;
+        Ok(TempDir(path))
+    }
     pub fn path(&self) -> &Path {
         &self.0
     }

@@ -53,6 +53,8 @@ pub struct Lab {
     pub rules: PathBuf,
     pub ssid_file: PathBuf,
     pub resolv_conf: PathBuf,
+    /// /etc/netns/NS of the client's namespace, when the lab uses it.
+    netns_etc: Option<TempDir>,
 }
 
 impl Lab {
@@ -126,6 +128,7 @@ impl Lab {
             server_keys,
             ssid_file,
             resolv_conf,
+            netns_etc: None,
         };
         lab.write_rules(&format!(
             "[tunnel]\ninterface = \"{}\"\nconfig = \"{}\"\n\n{rules}",
@@ -133,6 +136,25 @@ impl Lab {
             conf.display()
         ))?;
         Ok(lab)
+    }
+
+    /// Makes the lab's resolv.conf /etc/netns/NS/resolv.conf of the
+    /// client's namespace, which `ip netns exec` shows its programs as
+    /// /etc/resolv.conf: their resolver then reads the file vaned manages.
+    /// The directory goes with the lab.
+    pub fn use_netns_resolv_conf(&mut self) -> Result<()> {
+        let etc = TempDir::at(Path::new("/etc/netns").join(&self.pair.a.name)).or_else(|_| {
+            std::fs::create_dir_all("/etc/netns")?;
+            TempDir::at(Path::new("/etc/netns").join(&self.pair.a.name))
+        })?;
+        let text = std::fs::read_to_string(&self.resolv_conf)?;
+        self.resolv_conf = etc.write("resolv.conf", &text)?;
+        std::fs::set_permissions(
+            &self.resolv_conf,
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )?;
+        self.netns_etc = Some(etc);
+        Ok(())
     }
 
     /// A second uplink from the client to the server: a veth pair with
@@ -196,6 +218,11 @@ impl Lab {
             self.ssid_file.display().to_string(),
             "--resolv-conf".into(),
             self.resolv_conf.display().to_string(),
+            // Never the host's resolved or resolvconf.
+            "--dns-source".into(),
+            "resolv-conf".into(),
+            "--dns-backend".into(),
+            "file".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -8,6 +8,8 @@
 //! not the tunnel's encrypted UDP (and not neighbour discovery). Traffic
 //! through the tunnel arrives on the server's WireGuard interface instead.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use vane_e2e::vaned::{text, Lab};
@@ -222,7 +224,11 @@ fn without_exclude_local_networks_the_local_subnet_goes_through_the_tunnel() {
     vaned.wait_state("up", UP).unwrap();
     let rules = a.ip(&["rule"]).unwrap();
     assert!(
-        rules.contains("not from all to 192.0.2.0/24 fwmark 0xca6c lookup 51820 proto 118"),
+        rules.contains("from all to 192.0.2.0/24 fwmark 0xca6c lookup main proto 118"),
+        "{rules}"
+    );
+    assert!(
+        rules.contains("from all to 192.0.2.0/24 lookup 51820 proto 118"),
         "{rules}"
     );
     a.ping_until(NET4, UP).unwrap();
@@ -262,4 +268,226 @@ fn after_a_crash_the_next_vaned_repairs_routing_first() {
             vaned.proc_.log()
         )
     });
+}
+
+/// The tunnel's DNS server, on the server's side of the tunnel.
+const TUNNEL_DNS: &str = "10.99.0.53";
+
+/// A DNS server that answers every query NXDOMAIN and counts them (only
+/// those from outside the tunnel, from an underlay address, when
+/// `plain_only`); runs in `ns` until `stop`.
+fn dns_responder(
+    ns: &Netns,
+    addr: &str,
+    plain_only: bool,
+    stop: Arc<AtomicBool>,
+) -> (Arc<AtomicU64>, std::thread::JoinHandle<anyhow::Result<()>>) {
+    let count = Arc::new(AtomicU64::new(0));
+    let (c, addr) = (count.clone(), format!("{addr}:53"));
+    let handle = ns.run_in(move || {
+        let sock = std::net::UdpSocket::bind(&addr)?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let mut buf = [0u8; 1500];
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                continue;
+            };
+            if n < 12 {
+                continue;
+            }
+            let inner =
+                matches!(from.ip(), std::net::IpAddr::V4(v4) if v4.octets()[..2] == [10, 99]);
+            if !(plain_only && inner) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            // The query back as a response: QR set, RCODE 3 (NXDOMAIN).
+            let mut reply = buf[..n].to_vec();
+            reply[2] |= 0x80;
+            reply[3] = (reply[3] & 0xf0) | 3;
+            let _ = sock.send_to(&reply, from);
+        }
+        Ok(())
+    });
+    (count, handle)
+}
+
+/// Traffic of every kind from the client, until `stop`: UDP to the
+/// "internet" (both families), to the local subnet and to the network's
+/// DNS server, TCP connection attempts. Errors (EPERM from the kill
+/// switch) are expected and ignored.
+fn traffic(ns: &Netns, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<anyhow::Result<()>> {
+    ns.run_in(move || {
+        let v4 = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        let v6 = std::net::UdpSocket::bind("[::]:0")?;
+        let query = [
+            0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 4, b'l', b'e', b'a', b'k', 7, b'e', b'x',
+            b'a', b'm', b'p', b'l', b'e', 0, 0, 1, 0, 1,
+        ];
+        while !stop.load(Ordering::Relaxed) {
+            let _ = v4.send_to(b"udp", (NET4, 9));
+            let _ = v6.send_to(b"udp", (NET6, 9));
+            let _ = v4.send_to(b"local", ("192.0.2.2", 9));
+            let _ = v4.send_to(&query, ("192.0.2.53", 53));
+            for dst in [format!("{NET4}:80"), "192.0.2.2:80".to_owned()] {
+                if let Ok(addr) = dst.parse() {
+                    let _ = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(5));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    })
+}
+
+fn nft_ruleset(ns: &Netns) -> String {
+    ns.exec("nft", &["list", "ruleset"]).unwrap()
+}
+
+#[test]
+fn nothing_leaks_through_connect_a_tunnel_kill_a_roam_and_disconnect() {
+    let mut lab = Lab::new_with(
+        &rules(false),
+        "0.0.0.0/0, ::/0",
+        &format!("DNS = {TUNNEL_DNS}, tunnel.example"),
+    )
+    .unwrap();
+    lab.use_netns_resolv_conf().unwrap();
+    let original_resolv = std::fs::read(&lab.resolv_conf).unwrap();
+    let b = &lab.pair.b;
+    b.ip(&["addr", "add", &format!("{NET4}/32"), "dev", "lo"])
+        .unwrap();
+    b.ip(&["addr", "add", &format!("{NET6}/128"), "dev", "lo"])
+        .unwrap();
+    b.ip(&["addr", "add", &format!("{TUNNEL_DNS}/32"), "dev", "lo"])
+        .unwrap();
+    // The network's own DNS server (what resolv.conf names), on the
+    // server's side of the underlay.
+    b.ip(&["addr", "add", "192.0.2.53/24", "dev", &lab.pair.veth_b])
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tunnel_queries, responder) = dns_responder(b, TUNNEL_DNS, false, stop.clone());
+    let (network_queries, network_responder) = dns_responder(b, "192.0.2.53", true, stop.clone());
+    let leaks = Leaks::install(b, &lab.server_if);
+    let a = &lab.pair.a;
+    let second = lab.second_uplink().unwrap();
+    let before_nft = nft_ruleset(a);
+    let before_routing = routing(a);
+
+    let stop_traffic = Arc::new(AtomicBool::new(false));
+    let generator = traffic(a, stop_traffic.clone());
+    let mut vaned = lab.start_vaned(&[]).unwrap();
+    // From the moment the kill switch is on, the policy says up: count.
+    let mut status = serde_json::Value::Null;
+    wait_until(UP, "the kill switch", || {
+        status = vaned.status().unwrap_or_default();
+        status["tunnel"]["kill_switch"]["active"] == true
+    })
+    .unwrap_or_else(|e| panic!("{e}: {status:#}\n{}", vaned.proc_.log()));
+    let baseline = leaks.leaked();
+    let plain_queries = network_queries.load(Ordering::Relaxed);
+    vaned.wait_state("up", UP).unwrap();
+
+    // Connected: the resolver reads the tunnel's DNS, and its queries
+    // reach the tunnel's DNS server through the tunnel.
+    let resolv = std::fs::read_to_string(&lab.resolv_conf).unwrap();
+    assert!(
+        resolv.contains(&format!("nameserver {TUNNEL_DNS}")),
+        "{resolv}"
+    );
+    assert!(!resolv.contains("192.0.2.53"), "{resolv}");
+    let o = a
+        .cmd("getent")
+        .args(["hosts", "leak-check.example"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "NXDOMAIN from our responder: {}",
+        text(&o)
+    );
+    assert!(tunnel_queries.load(Ordering::Relaxed) > 0);
+    // The rules still see the network's DNS, not the tunnel's.
+    let s = vaned.status().unwrap();
+    assert_eq!(s["network"]["dns_servers"][0], "192.0.2.53", "{s:#}");
+    a.ping_until(NET4, UP).unwrap();
+
+    // The tunnel process is killed: the kill switch holds while it is
+    // replaced, and traffic resumes through the new one.
+    let pid = vaned.tunnel_pid().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(UP, "a new tunnel process", || {
+        vaned
+            .status()
+            .is_ok_and(|s| s["tunnel"]["state"] == "up" && s["tunnel"]["pid"] != pid)
+    })
+    .unwrap();
+    a.ping_until(NET4, UP).unwrap();
+
+    // The uplink changes under the tunnel.
+    lab.default_via("198.51.100.2", &second).unwrap();
+    wait_until(UP, "vaned on the second uplink", || {
+        vaned
+            .status()
+            .is_ok_and(|s| s["network"]["interface"] == second.as_str())
+    })
+    .unwrap();
+    let through = leaks.tunnel();
+    a.ping_until(NET4, UP).unwrap_or_else(|e| {
+        panic!(
+            "{e}\nrules:\n{}\nroutes:\n{}\nnft:\n{}\nserver:\n{}\nvaned:\n{}",
+            a.ip(&["rule"]).unwrap_or_default(),
+            a.ip(&["route", "show", "table", "all"]).unwrap_or_default(),
+            nft_ruleset(a),
+            vane_e2e::wg_show(b, &lab.server_if, &[]).unwrap_or_default(),
+            vaned.proc_.log()
+        )
+    });
+    assert!(
+        leaks.tunnel() > through,
+        "the tunnel moved to the second uplink"
+    );
+
+    // Until the user disconnects, not one packet left by the uplinks
+    // except the tunnel's own, and the network's DNS server heard nothing
+    // over the underlay (what the traffic sends it explicitly arrives
+    // through the tunnel).
+    assert_eq!(
+        leaks.leaked(),
+        baseline,
+        "packets leaked while the policy said up:\n{}\nvaned log:\n{}",
+        leaks.log(),
+        vaned.proc_.log()
+    );
+    assert_eq!(network_queries.load(Ordering::Relaxed), plain_queries);
+
+    let o = vaned.ctl(&["down"]);
+    assert!(o.status.success(), "{}", text(&o));
+    vaned.wait_state("down", UP).unwrap();
+    stop_traffic.store(true, Ordering::Relaxed);
+    generator.join().unwrap().unwrap();
+    // After disconnect: normal traffic flows again, the DNS is the
+    // network's (byte for byte), and the firewall is as it was.
+    a.ping_until("203.0.113.1", UP).unwrap();
+    assert!(leaks.leaked() > baseline);
+    assert_eq!(std::fs::read(&lab.resolv_conf).unwrap(), original_resolv);
+    // ... and names go to the network's DNS server again (which shows the
+    // silence above was not a deaf server).
+    let o = a
+        .cmd("getent")
+        .args(["hosts", "after.example"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(network_queries.load(Ordering::Relaxed) > plain_queries);
+    assert_eq!(nft_ruleset(a), before_nft);
+    lab.default_via("192.0.2.2", &lab.pair.veth_a).unwrap();
+    assert_eq!(routing(a), before_routing);
+    stop.store(true, Ordering::Relaxed);
+    responder.join().unwrap().unwrap();
+    network_responder.join().unwrap().unwrap();
 }
