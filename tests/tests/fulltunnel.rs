@@ -375,7 +375,7 @@ fn nothing_leaks_through_connect_a_tunnel_kill_a_roam_and_disconnect() {
 
     let stop_traffic = Arc::new(AtomicBool::new(false));
     let generator = traffic(a, stop_traffic.clone());
-    let mut vaned = lab.start_vaned(&[]).unwrap();
+    let vaned = lab.start_vaned(&[]).unwrap();
     // From the moment the kill switch is on, the policy says up: count.
     let mut status = serde_json::Value::Null;
     wait_until(UP, "the kill switch", || {
