@@ -313,18 +313,32 @@ fn dns_responder(
 
 /// Traffic of every kind from the client, until `stop`: UDP to the
 /// "internet" (both families), to the local subnet and to the network's
-/// DNS server, TCP connection attempts. Errors (EPERM from the kill
-/// switch) are expected and ignored.
-fn traffic(ns: &Netns, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<anyhow::Result<()>> {
+/// DNS server, TCP connection attempts, and UDP from a socket bound to the
+/// uplink device (as `ping -I eth0` does: routing rules cannot send that
+/// into the tunnel, only the kill switch stops it). Errors (EPERM from the
+/// kill switch) are expected and ignored.
+fn traffic(
+    ns: &Netns,
+    uplink: &str,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<anyhow::Result<()>> {
+    let uplink = uplink.to_owned();
     ns.run_in(move || {
         let v4 = std::net::UdpSocket::bind("0.0.0.0:0")?;
         let v6 = std::net::UdpSocket::bind("[::]:0")?;
+        let bound = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        nix::sys::socket::setsockopt(
+            &bound,
+            nix::sys::socket::sockopt::BindToDevice,
+            &std::ffi::OsString::from(uplink),
+        )?;
         let query = [
             0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 4, b'l', b'e', b'a', b'k', 7, b'e', b'x',
             b'a', b'm', b'p', b'l', b'e', 0, 0, 1, 0, 1,
         ];
         while !stop.load(Ordering::Relaxed) {
             let _ = v4.send_to(b"udp", (NET4, 9));
+            let _ = bound.send_to(b"bound", (NET4, 9));
             let _ = v6.send_to(b"udp", (NET6, 9));
             let _ = v4.send_to(b"local", ("192.0.2.2", 9));
             let _ = v4.send_to(&query, ("192.0.2.53", 53));
@@ -374,7 +388,7 @@ fn nothing_leaks_through_connect_a_tunnel_kill_a_roam_and_disconnect() {
     let before_routing = routing(a);
 
     let stop_traffic = Arc::new(AtomicBool::new(false));
-    let generator = traffic(a, stop_traffic.clone());
+    let generator = traffic(a, &lab.pair.veth_a, stop_traffic.clone());
     let vaned = lab.start_vaned(&[]).unwrap();
     // From the moment the kill switch is on, the policy says up: count.
     let mut status = serde_json::Value::Null;
