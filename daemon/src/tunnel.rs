@@ -225,9 +225,18 @@ impl Worker {
         if want == self.shield && !self.stale_shield {
             return;
         }
-        let result = match &want {
+        // nft runs as a child process (milliseconds): tell the runtime this
+        // thread blocks, so the daemon's loop keeps its own.
+        let change = || match &want {
             Some(spec) => killswitch::apply(spec),
             None => killswitch::remove(),
+        };
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let result = if multi_thread {
+            tokio::task::block_in_place(change)
+        } else {
+            change()
         };
         let error = match result {
             Ok(()) => {

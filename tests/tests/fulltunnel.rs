@@ -199,6 +199,11 @@ fn everything_goes_through_the_tunnel_and_routing_is_restored() {
     })
     .unwrap();
 
+    // Without `lockdown = true` there is no lockdown to release.
+    let o = vaned.ctl(&["lockdown", "off"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("lockdown is not configured"));
+
     // Down: every rule and route of vane's is gone.
     let o = vaned.ctl(&["down"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -240,10 +245,18 @@ fn without_exclude_local_networks_the_local_subnet_goes_through_the_tunnel() {
 }
 
 #[test]
-fn after_a_crash_the_next_vaned_repairs_routing_first() {
-    let lab = lab(true);
+fn after_a_crash_the_next_vaned_repairs_routing_firewall_and_dns_first() {
+    let mut lab = Lab::new_with(
+        &rules(true),
+        "0.0.0.0/0, ::/0",
+        &format!("DNS = {TUNNEL_DNS}, tunnel.example"),
+    )
+    .unwrap();
+    lab.use_netns_resolv_conf().unwrap();
     let a = &lab.pair.a;
     let before = routing(a);
+    let before_nft = nft_ruleset(a);
+    let original_resolv = std::fs::read(&lab.resolv_conf).unwrap();
     let mut vaned = lab.start_vaned(&[]).unwrap();
     vaned.wait_state("up", UP).unwrap();
     vaned.proc_.stop(nix::sys::signal::Signal::SIGKILL).unwrap();
@@ -252,8 +265,11 @@ fn after_a_crash_the_next_vaned_repairs_routing_first() {
         left.contains("proto 118"),
         "the crash left the rules: {left}"
     );
+    assert!(nft_ruleset(a).contains("table inet vane"));
+    let resolv = std::fs::read_to_string(&lab.resolv_conf).unwrap();
+    assert!(resolv.contains(TUNNEL_DNS), "{resolv}");
 
-    // The next vaned starts with on-demand off and nothing to bring up.
+    // The next vaned starts with nothing to bring up.
     lab.write_rules(
         &lab.rules_text()
             .replace("action = \"connect\"", "action = \"disconnect\""),
@@ -261,13 +277,84 @@ fn after_a_crash_the_next_vaned_repairs_routing_first() {
     .unwrap();
     let vaned = lab.start_vaned(&[]).unwrap();
     vaned.wait_state("down", UP).unwrap();
-    wait_until(UP, "the routing as it was", || routing(a) == before).unwrap_or_else(|e| {
-        panic!(
-            "{e}\nbefore:\n{before}\nnow:\n{}\nvaned log:\n{}",
+    let now = || {
+        (
             routing(a),
+            nft_ruleset(a),
+            std::fs::read(&lab.resolv_conf).unwrap(),
+        )
+    };
+    wait_until(UP, "routing, firewall and DNS as they were", || {
+        now() == (before.clone(), before_nft.clone(), original_resolv.clone())
+    })
+    .unwrap_or_else(|e| {
+        let (r, n, d) = now();
+        panic!(
+            "{e}\nbefore:\n{before}\n{before_nft}\nnow:\n{r}\n{n}\n{}\nvaned log:\n{}",
+            String::from_utf8_lossy(&d),
             vaned.proc_.log()
         )
     });
+}
+
+#[test]
+fn lockdown_blocks_while_the_user_is_disconnected_until_released() {
+    let lab = Lab::new_with(
+        &rules(true).replace(
+            "exclude_local_networks = true\n",
+            "exclude_local_networks = true\nlockdown = true\n",
+        ),
+        "0.0.0.0/0, ::/0",
+        "",
+    )
+    .unwrap();
+    let b = &lab.pair.b;
+    b.ip(&["addr", "add", &format!("{NET4}/32"), "dev", "lo"])
+        .unwrap();
+    let a = &lab.pair.a;
+    let before_nft = nft_ruleset(a);
+    let mut vaned = lab.start_vaned(&[]).unwrap();
+    vaned.wait_state("up", UP).unwrap();
+    a.ping_until(NET4, UP).unwrap();
+    let kill_switch =
+        |v: &vane_e2e::vaned::Vaned| v.status().unwrap()["tunnel"]["kill_switch"].clone();
+
+    // The user disconnects: in lockdown, nothing leaves unprotected.
+    let o = vaned.ctl(&["down"]);
+    assert!(o.status.success(), "{}", text(&o));
+    vaned.wait_state("down", UP).unwrap();
+    let k = kill_switch(&vaned);
+    assert_eq!(k["active"], true, "{k}");
+    assert_eq!(k["lockdown"], true, "{k}");
+    assert_eq!(k["released"], false, "{k}");
+    assert!(!a.ping_ok(NET4), "plain traffic left during lockdown");
+
+    // Released: traffic flows without the tunnel, and it is persisted.
+    let o = vaned.ctl(&["lockdown", "off"]);
+    assert!(o.status.success(), "{}", text(&o));
+    wait_until(UP, "the kill switch off", || {
+        kill_switch(&vaned)["active"] == false
+    })
+    .unwrap();
+    a.ping_until(NET4, UP).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&vaned.state_file).unwrap()).unwrap();
+    assert_eq!(state["intent"]["lockdown_released"], true, "{state:#}");
+    assert_eq!(nft_ruleset(a), before_nft);
+
+    // Engaged again: blocked again.
+    let o = vaned.ctl(&["lockdown", "on"]);
+    assert!(o.status.success(), "{}", text(&o));
+    wait_until(UP, "the kill switch on", || {
+        kill_switch(&vaned)["active"] == true
+    })
+    .unwrap();
+    assert!(!a.ping_ok(NET4));
+
+    // vaned stops: the host is left as it was found, lockdown or not.
+    vaned.proc_.stop(nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(nft_ruleset(a), before_nft);
+    assert!(a.ping_ok(NET4));
 }
 
 /// The tunnel's DNS server, on the server's side of the tunnel.
