@@ -113,6 +113,9 @@ pub fn status(st: &Status, now: SystemTime) -> String {
     if let Some(e) = &t.last_error {
         let _ = writeln!(s, "  last error: {e}");
     }
+    if let Some(k) = &t.kill_switch {
+        let _ = writeln!(s, "  kill switch: {}", kill_switch(k));
+    }
     let _ = writeln!(s, "decision: {}", st.decision.reason);
     for p in &st.decision.probes {
         let _ = writeln!(
@@ -181,9 +184,44 @@ pub fn event(e: &Event, now: SystemTime) -> String {
     }
 }
 
+/// The kill switch in a few words.
+fn kill_switch(k: &vane_ctl::proto::KillSwitchView) -> String {
+    let mut out = String::from(if k.active { "on" } else { "off" });
+    if k.lockdown {
+        out.push_str(if k.released {
+            " (lockdown released by the user: `vanectl lockdown on` engages it)"
+        } else {
+            " (lockdown: on while the tunnel is down too)"
+        });
+    }
+    if let Some(e) = &k.error {
+        out.push_str(&format!("; error: {e}"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kill_switch_line_says_on_off_and_lockdown() {
+        let mut k = vane_ctl::proto::KillSwitchView {
+            active: true,
+            lockdown: false,
+            released: false,
+            error: None,
+        };
+        assert_eq!(kill_switch(&k), "on");
+        k.lockdown = true;
+        assert!(kill_switch(&k).starts_with("on (lockdown: "));
+        k.active = false;
+        k.released = true;
+        k.error = Some("nft: not found".into());
+        let line = kill_switch(&k);
+        assert!(line.starts_with("off (lockdown released"), "{line}");
+        assert!(line.ends_with("; error: nft: not found"), "{line}");
+    }
 
     #[test]
     fn sizes_and_ages_read_well() {
