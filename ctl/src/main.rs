@@ -1,7 +1,7 @@
 //! vanectl: the control CLI of vane.
 //!
 //! Talks to vaned over its control socket (`status`, `up`, `down`,
-//! `resume`, `on-demand`, `reload`, `network`, `watch`), and works offline
+//! `resume`, `on-demand`, `lockdown`, `reload`, `network`, `watch`), and works offline
 //! for the admin's rule tools (`rules check|test`), keys (`genkey`,
 //! `pubkey`) and its own documentation (`completions`, `man`).
 //!
