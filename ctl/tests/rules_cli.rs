@@ -76,7 +76,7 @@ fn test_explains_the_decision() {
     ]);
     assert!(o.status.success());
     assert!(
-        stdout(&o).starts_with("down: rule 1 (line 13) matched"),
+        stdout(&o).starts_with("down: rule 1 (line 14) matched"),
         "{}",
         stdout(&o)
     );
