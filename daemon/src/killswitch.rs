@@ -4,21 +4,21 @@
 //! discovery) and the destinations the configuration excludes from the
 //! tunnel (local networks).
 //!
-//! The rules are rendered by [`ruleset`] (pure, unit tested) as `nft` script
-//! text and loaded by [`apply`] through `nft -f -`, which runs the whole
-//! script as ONE netlink transaction: the table is created, or replaced with
-//! no moment without rules, or nothing changes at all.
+//! The rules are built by [`ruleset`] (pure, unit tested) as an nft JSON
+//! document (libnftables-json) and loaded by [`apply`] through
+//! `nft -j -f -`, which runs the whole document as ONE netlink
+//! transaction: the table is created, or replaced with no moment without
+//! rules, or nothing changes at all.
 //!
-//! Why the `nft` binary and its script language rather than a crate: the
-//! `nft` program is the one implementation of the nftables language the
-//! kernel's developers keep (the netlink expressions behind a rule such as
-//! `icmpv6 type { … }` are low-level bytecode that no well-kept Rust crate
-//! builds for us), and the script text is what an administrator reads in
-//! `nft list ruleset` too. Script rather than JSON (`nft -j`): the script is
-//! short, reviewable in a test's golden text and in a log, and every value
-//! that enters it is validated here first (interface names against a strict
-//! character set, networks printed by `ipnet`, the mark as hex), so there is
-//! nothing left for JSON's quoting to protect.
+//! Why the `nft` binary rather than a crate: the `nft` program is the one
+//! implementation of nftables the kernel's developers keep (the netlink
+//! expressions behind a rule such as `icmpv6 type { … }` are low-level
+//! bytecode that no well-kept Rust crate builds for us). Why its JSON
+//! interface rather than its script language: every value (interface
+//! name, address, mark) travels as a JSON string or number, so none can
+//! ever be read as nft syntax; the names are still checked, for a clear
+//! error. An administrator reads the result with `nft list ruleset` as
+//! usual; the drop rules carry a comment naming vaned.
 //!
 //! What the table does (see [`ruleset`]):
 //! - output: accepts loopback, everything out of the tunnel device, packets
@@ -50,12 +50,12 @@
 //! The table stands beside any other firewall: in nftables a drop in any
 //! base chain is final, an accept elsewhere does not override it.
 
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde_json::{json, Value};
 
 /// What the kill switch lets through.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,70 +129,181 @@ fn split_nets(nets: &[IpNet]) -> (Vec<Ipv4Net>, Vec<Ipv6Net>) {
     (Ipv4Net::aggregate(&v4), Ipv6Net::aggregate(&v6))
 }
 
-fn set_decl(out: &mut String, name: &str, ty: &str, elems: &[String]) {
-    let _ = writeln!(out, "\tset {name} {{");
-    let _ = writeln!(out, "\t\ttype {ty}");
-    let _ = writeln!(out, "\t\tflags interval");
-    if !elems.is_empty() {
-        let _ = writeln!(out, "\t\telements = {{ {} }}", elems.join(", "));
-    }
-    let _ = writeln!(out, "\t}}");
+const FAMILY: &str = "inet";
+const TABLE: &str = "vane";
+/// On every rule that drops, so `nft list ruleset` says whose it is.
+pub const DROP_COMMENT: &str = "vane kill switch: outside the tunnel (managed by vaned)";
+
+fn prefix_elems<N: std::fmt::Display>(nets: &[N]) -> Vec<Value> {
+    nets.iter()
+        .filter_map(|n| {
+            let text = n.to_string();
+            let (addr, len) = text.split_once('/')?;
+            Some(json!({"prefix": {"addr": addr, "len": len.parse::<u8>().ok()?}}))
+        })
+        .collect()
 }
 
-/// The nft script that creates or atomically replaces `table inet vane`.
+fn set_obj(name: &str, ty: &str, elems: Vec<Value>) -> Value {
+    let mut set = json!({
+        "family": FAMILY, "table": TABLE, "name": name,
+        "type": ty, "flags": ["interval"],
+    });
+    if !elems.is_empty() {
+        set["elem"] = Value::Array(elems);
+    }
+    json!({"add": {"set": set}})
+}
+
+fn chain_obj(name: &str, hook: &str) -> Value {
+    json!({"add": {"chain": {
+        "family": FAMILY, "table": TABLE, "name": name,
+        "type": "filter", "hook": hook, "prio": 0, "policy": "accept",
+    }}})
+}
+
+fn rule_obj(chain: &str, expr: Vec<Value>, comment: Option<&str>) -> Value {
+    let mut rule = json!({"family": FAMILY, "table": TABLE, "chain": chain, "expr": expr});
+    if let Some(c) = comment {
+        rule["comment"] = json!(c);
+    }
+    json!({"add": {"rule": rule}})
+}
+
+fn eq(left: Value, right: Value) -> Value {
+    json!({"match": {"op": "==", "left": left, "right": right}})
+}
+
+fn meta(key: &str) -> Value {
+    json!({"meta": {"key": key}})
+}
+
+fn payload(protocol: &str, field: &str) -> Value {
+    json!({"payload": {"protocol": protocol, "field": field}})
+}
+
+fn accept() -> Value {
+    json!({"accept": null})
+}
+
+/// `add table` then `delete table`: one transaction that removes the table
+/// whether or not it exists (adding an existing table is a no-op).
+fn remove_commands() -> Vec<Value> {
+    let table = json!({"family": FAMILY, "name": TABLE});
+    vec![
+        json!({"add": {"table": table.clone()}}),
+        json!({"delete": {"table": table}}),
+    ]
+}
+
+/// The nft JSON document (libnftables-json, for `nft -j -f -`) that
+/// creates or atomically replaces `table inet vane`: the old table is
+/// removed and the new one built in the same transaction, which nft
+/// commits at once or not at all.
 ///
-/// The first two lines make the replacement one transaction that works
-/// whether or not the table exists (`add` of an existing table is a no-op,
-/// then `delete` removes the old one, then the new one is built); `nft -f`
-/// commits all of it at once or nothing.
-pub fn ruleset(spec: &Spec) -> Result<String, KillSwitchError> {
+/// JSON rather than the nft script language: every value is a JSON
+/// string or number, so no interface name or address can be read as nft
+/// syntax, whatever it holds (the name is still checked, for a clear
+/// error).
+pub fn ruleset(spec: &Spec) -> Result<Value, KillSwitchError> {
     check(spec)?;
     let (v4, v6) = split_nets(&spec.allow_nets);
-    let v4: Vec<String> = v4.iter().map(|n| n.to_string()).collect();
-    let v6: Vec<String> = v6.iter().map(|n| n.to_string()).collect();
-    let ifname = &spec.tunnel_if;
+    let ifname = spec.tunnel_if.as_str();
     let mark = spec.fwmark;
 
-    let mut s = String::new();
-    s.push_str("add table inet vane\n");
-    s.push_str("delete table inet vane\n");
-    s.push_str("table inet vane {\n");
-    let _ = writeln!(
-        s,
-        "\tcomment \"vane kill switch for {ifname}: managed by vaned (by hand: nft delete table inet vane)\""
-    );
-    set_decl(&mut s, "allow4", "ipv4_addr", &v4);
-    set_decl(&mut s, "allow6", "ipv6_addr", &v6);
-
-    s.push_str("\tchain output {\n");
-    s.push_str("\t\ttype filter hook output priority filter; policy accept;\n");
-    s.push_str("\t\toif \"lo\" accept\n");
-    let _ = writeln!(s, "\t\toifname \"{ifname}\" accept");
-    let _ = writeln!(s, "\t\tmeta mark {mark:#x} accept");
-    s.push_str("\t\tudp sport 68 udp dport 67 accept comment \"DHCPv4\"\n");
-    s.push_str("\t\tmeta nfproto ipv6 udp sport 546 udp dport 547 accept comment \"DHCPv6\"\n");
-    s.push_str(
-        "\t\ticmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-report, mld-listener-done, mld2-listener-report } accept comment \"NDP and MLD\"\n",
-    );
-    s.push_str("\t\tip daddr @allow4 accept\n");
-    s.push_str("\t\tip6 daddr @allow6 accept\n");
-    s.push_str("\t\tcounter drop comment \"vane: outside the tunnel\"\n");
-    s.push_str("\t}\n");
-
-    s.push_str("\tchain forward {\n");
-    s.push_str("\t\ttype filter hook forward priority filter; policy accept;\n");
-    let _ = writeln!(s, "\t\toifname \"{ifname}\" accept");
-    s.push_str("\t\tip daddr @allow4 accept\n");
-    s.push_str("\t\tip6 daddr @allow6 accept\n");
-    s.push_str("\t\tcounter drop comment \"vane: outside the tunnel\"\n");
-    s.push_str("\t}\n");
-    s.push_str("}\n");
-    Ok(s)
+    let mut cmds = remove_commands();
+    cmds.push(json!({"add": {"table": {"family": FAMILY, "name": TABLE}}}));
+    cmds.push(set_obj("allow4", "ipv4_addr", prefix_elems(&v4)));
+    cmds.push(set_obj("allow6", "ipv6_addr", prefix_elems(&v6)));
+    cmds.push(chain_obj("output", "output"));
+    cmds.push(chain_obj("forward", "forward"));
+    let allowed = |chain: &str| {
+        vec![
+            rule_obj(
+                chain,
+                vec![eq(payload("ip", "daddr"), json!("@allow4")), accept()],
+                None,
+            ),
+            rule_obj(
+                chain,
+                vec![eq(payload("ip6", "daddr"), json!("@allow6")), accept()],
+                None,
+            ),
+            rule_obj(
+                chain,
+                vec![
+                    json!({"counter": {"packets": 0, "bytes": 0}}),
+                    json!({"drop": null}),
+                ],
+                Some(DROP_COMMENT),
+            ),
+        ]
+    };
+    let output = "output";
+    cmds.push(rule_obj(
+        output,
+        vec![eq(meta("oif"), json!("lo")), accept()],
+        None,
+    ));
+    cmds.push(rule_obj(
+        output,
+        vec![eq(meta("oifname"), json!(ifname)), accept()],
+        None,
+    ));
+    cmds.push(rule_obj(
+        output,
+        vec![eq(meta("mark"), json!(mark)), accept()],
+        None,
+    ));
+    cmds.push(rule_obj(
+        output,
+        vec![
+            eq(payload("udp", "sport"), json!(68)),
+            eq(payload("udp", "dport"), json!(67)),
+            accept(),
+        ],
+        Some("DHCPv4"),
+    ));
+    cmds.push(rule_obj(
+        output,
+        vec![
+            eq(meta("nfproto"), json!("ipv6")),
+            eq(payload("udp", "sport"), json!(546)),
+            eq(payload("udp", "dport"), json!(547)),
+            accept(),
+        ],
+        Some("DHCPv6"),
+    ));
+    cmds.push(rule_obj(
+        output,
+        vec![
+            eq(
+                payload("icmpv6", "type"),
+                json!({"set": [
+                    "nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit",
+                    "nd-neighbor-advert", "mld-listener-report", "mld-listener-done",
+                    "mld2-listener-report",
+                ]}),
+            ),
+            accept(),
+        ],
+        Some("NDP and MLD"),
+    ));
+    cmds.extend(allowed(output));
+    cmds.push(rule_obj(
+        "forward",
+        vec![eq(meta("oifname"), json!(ifname)), accept()],
+        None,
+    ));
+    cmds.extend(allowed("forward"));
+    Ok(json!({"nftables": cmds}))
 }
 
-/// The script that removes the table if it is there, in one transaction
+/// The document that removes the table if it is there, in one transaction
 /// (so removing is idempotent without a check-then-act race).
-pub const REMOVE_SCRIPT: &str = "add table inet vane\ndelete table inet vane\n";
+pub fn remove_document() -> Value {
+    json!({"nftables": remove_commands()})
+}
 
 /// Whether `nft list tables` output names our table.
 pub fn lists_our_table(list_tables: &str) -> bool {
@@ -252,8 +363,8 @@ fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, KillSwitchError> {
 /// Creates or atomically replaces `table inet vane` (one nft transaction:
 /// there is never a moment without the rules when replacing).
 pub fn apply(spec: &Spec) -> Result<(), KillSwitchError> {
-    let script = ruleset(spec)?;
-    nft(&["-f", "-"], Some(&script))?;
+    let doc = ruleset(spec)?;
+    nft(&["-j", "-f", "-"], Some(&doc.to_string()))?;
     tracing::info!(
         interface = %spec.tunnel_if,
         allowed = spec.allow_nets.len(),
@@ -264,7 +375,7 @@ pub fn apply(spec: &Spec) -> Result<(), KillSwitchError> {
 
 /// Removes `table inet vane`; no table is fine.
 pub fn remove() -> Result<(), KillSwitchError> {
-    nft(&["-f", "-"], Some(REMOVE_SCRIPT))?;
+    nft(&["-j", "-f", "-"], Some(&remove_document().to_string()))?;
     tracing::debug!("kill switch off (table inet vane removed)");
     Ok(())
 }
@@ -286,9 +397,46 @@ mod tests {
         }
     }
 
+    /// The commands of a document, as (verb, object kind, object).
+    fn commands(doc: &Value) -> Vec<(String, String, Value)> {
+        doc["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let (verb, obj) = c.as_object().unwrap().iter().next().unwrap();
+                let (kind, body) = obj.as_object().unwrap().iter().next().unwrap();
+                (verb.clone(), kind.clone(), body.clone())
+            })
+            .collect()
+    }
+
+    fn set_elems(doc: &Value, name: &str) -> Vec<String> {
+        commands(doc)
+            .into_iter()
+            .find(|(_, k, b)| k == "set" && b["name"] == name)
+            .map(|(_, _, b)| {
+                b["elem"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|e| {
+                                format!(
+                                    "{}/{}",
+                                    e["prefix"]["addr"].as_str().unwrap(),
+                                    e["prefix"]["len"]
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .unwrap()
+    }
+
     #[test]
-    fn golden_ruleset() {
-        let got = ruleset(&spec(&[
+    fn the_document_replaces_the_table_in_one_transaction() {
+        let doc = ruleset(&spec(&[
             "192.168.1.7/24",
             "10.0.0.0/8",
             "10.1.0.0/16",
@@ -296,61 +444,60 @@ mod tests {
             "fd00:1::/64",
         ]))
         .unwrap();
-        let want = "add table inet vane
-delete table inet vane
-table inet vane {
-\tcomment \"vane kill switch for wg0: managed by vaned (by hand: nft delete table inet vane)\"
-\tset allow4 {
-\t\ttype ipv4_addr
-\t\tflags interval
-\t\telements = { 10.0.0.0/8, 192.168.1.0/24 }
-\t}
-\tset allow6 {
-\t\ttype ipv6_addr
-\t\tflags interval
-\t\telements = { fd00:1::/64, fe80::/10 }
-\t}
-\tchain output {
-\t\ttype filter hook output priority filter; policy accept;
-\t\toif \"lo\" accept
-\t\toifname \"wg0\" accept
-\t\tmeta mark 0xca6c accept
-\t\tudp sport 68 udp dport 67 accept comment \"DHCPv4\"
-\t\tmeta nfproto ipv6 udp sport 546 udp dport 547 accept comment \"DHCPv6\"
-\t\ticmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-report, mld-listener-done, mld2-listener-report } accept comment \"NDP and MLD\"
-\t\tip daddr @allow4 accept
-\t\tip6 daddr @allow6 accept
-\t\tcounter drop comment \"vane: outside the tunnel\"
-\t}
-\tchain forward {
-\t\ttype filter hook forward priority filter; policy accept;
-\t\toifname \"wg0\" accept
-\t\tip daddr @allow4 accept
-\t\tip6 daddr @allow6 accept
-\t\tcounter drop comment \"vane: outside the tunnel\"
-\t}
-}
-";
-        assert_eq!(got, want);
+        let cmds = commands(&doc);
+        let head: Vec<(&str, &str)> = cmds
+            .iter()
+            .take(3)
+            .map(|(v, k, _)| (v.as_str(), k.as_str()))
+            .collect();
+        assert_eq!(
+            head,
+            [("add", "table"), ("delete", "table"), ("add", "table")]
+        );
+        assert!(cmds.iter().all(|(_, _, b)| b["family"] == "inet"));
+        // Host bits cleared, overlaps merged, per family.
+        assert_eq!(set_elems(&doc, "allow4"), ["10.0.0.0/8", "192.168.1.0/24"]);
+        assert_eq!(set_elems(&doc, "allow6"), ["fd00:1::/64", "fe80::/10"]);
+        let rules: Vec<&Value> = cmds
+            .iter()
+            .filter(|(_, k, _)| k == "rule")
+            .map(|(_, _, b)| b)
+            .collect();
+        let output: Vec<&&Value> = rules.iter().filter(|r| r["chain"] == "output").collect();
+        let forward: Vec<&&Value> = rules.iter().filter(|r| r["chain"] == "forward").collect();
+        assert_eq!((output.len(), forward.len()), (9, 4));
+        // The interface name and the mark are plain JSON values.
+        assert_eq!(output[1]["expr"][0]["match"]["right"], "wg0");
+        assert_eq!(output[2]["expr"][0]["match"]["right"], 0xca6c);
+        // Each chain ends in a counted drop.
+        for chain in [&output, &forward] {
+            let last = chain.last().unwrap();
+            assert_eq!(last["expr"][1], json!({"drop": null}));
+            assert_eq!(last["comment"], DROP_COMMENT);
+        }
     }
 
     #[test]
     fn empty_allow_nets_gives_empty_sets() {
-        let got = ruleset(&spec(&[])).unwrap();
-        assert!(!got.contains("elements"), "{got}");
-        assert!(got.contains("set allow4 {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t}"));
-        assert!(got.contains("set allow6 {\n\t\ttype ipv6_addr\n\t\tflags interval\n\t}"));
-        assert!(got.contains("counter drop"));
+        let doc = ruleset(&spec(&[])).unwrap();
+        assert!(set_elems(&doc, "allow4").is_empty());
+        assert!(set_elems(&doc, "allow6").is_empty());
     }
 
     #[test]
     fn one_family_only() {
-        let got = ruleset(&spec(&["fe80::1/64"])).unwrap();
-        assert!(got.contains("elements = { fe80::/64 }"), "{got}");
-        assert_eq!(got.matches("elements").count(), 1);
-        let got = ruleset(&spec(&["172.16.5.5/32"])).unwrap();
-        assert!(got.contains("elements = { 172.16.5.5/32 }"), "{got}");
-        assert_eq!(got.matches("elements").count(), 1);
+        let doc = ruleset(&spec(&["fe80::1/64"])).unwrap();
+        assert_eq!(set_elems(&doc, "allow6"), ["fe80::/64"]);
+        assert!(set_elems(&doc, "allow4").is_empty());
+        let doc = ruleset(&spec(&["172.16.5.5/32"])).unwrap();
+        assert_eq!(set_elems(&doc, "allow4"), ["172.16.5.5/32"]);
+    }
+
+    #[test]
+    fn removal_is_add_then_delete() {
+        let cmds = commands(&remove_document());
+        let verbs: Vec<&str> = cmds.iter().map(|(v, _, _)| v.as_str()).collect();
+        assert_eq!(verbs, ["add", "delete"]);
     }
 
     #[test]
@@ -482,7 +629,20 @@ mod netns_tests {
             assert!(listed.contains("meta mark 0x00001234 accept"), "{listed}");
             assert!(listed.contains("192.168.1.0/24"), "{listed}");
             assert!(listed.contains("fe80::/10"), "{listed}");
-            assert!(listed.contains("vane kill switch for wg7"), "{listed}");
+            assert!(listed.contains(DROP_COMMENT), "{listed}");
+            for line in [
+                "oif \"lo\" accept",
+                "udp sport 68 udp dport 67 accept comment \"DHCPv4\"",
+                "meta nfproto ipv6 udp sport 546 udp dport 547 accept comment \"DHCPv6\"",
+                "ip daddr @allow4 accept",
+                "ip6 daddr @allow6 accept",
+                "nd-neighbor-solicit",
+                "mld2-listener-report",
+                "type filter hook output priority filter; policy accept;",
+                "type filter hook forward priority filter; policy accept;",
+            ] {
+                assert!(listed.contains(line), "{line} in {listed}");
+            }
 
             // Replace: new values, one table, no trace of the old ones.
             let s2 = Spec {
@@ -538,11 +698,15 @@ mod netns_tests {
             };
             apply(&spec).unwrap();
             let before = ruleset_now();
-            let broken = ruleset(&spec)
-                .unwrap()
-                .replace("\t\toif \"lo\" accept\n", "\t\toif \"lo\" frobnicate\n");
-            assert!(broken.starts_with(REMOVE_SCRIPT));
-            let err = nft(&["-f", "-"], Some(&broken)).unwrap_err();
+            let mut broken = ruleset(&spec).unwrap();
+            let cmds = broken["nftables"].as_array_mut().unwrap();
+            assert_eq!(
+                cmds[1],
+                json!({"delete": {"table": {"family": "inet", "name": "vane"}}})
+            );
+            let last = cmds.last_mut().unwrap();
+            last["add"]["rule"]["expr"] = json!([{"frobnicate": null}]);
+            let err = nft(&["-j", "-f", "-"], Some(&broken.to_string())).unwrap_err();
             assert!(err.to_string().contains("frobnicate"), "{err}");
             assert_eq!(ruleset_now(), before);
         });
