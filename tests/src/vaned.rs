@@ -305,6 +305,25 @@ impl Vaned {
         }
     }
 
+    /// SIGKILLs the tunnel process and waits until vaned runs a new one
+    /// with the tunnel up; returns the new pid.
+    pub fn kill_tunnel_and_wait_for_the_next(&self, timeout: Duration) -> Result<u32> {
+        let pid = self.tunnel_pid()?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        crate::wait_until(timeout, "a new tunnel process", || {
+            self.status().is_ok_and(|s| {
+                s["tunnel"]["state"] == "up"
+                    && s["tunnel"]["pid"]
+                        .as_u64()
+                        .is_some_and(|p| p != u64::from(pid))
+            })
+        })?;
+        self.tunnel_pid()
+    }
+
     /// The tunnel process's pid, from the status.
     pub fn tunnel_pid(&self) -> Result<u32> {
         let s = self.status()?;

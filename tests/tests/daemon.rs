@@ -190,21 +190,7 @@ fn a_killed_tunnel_is_restarted_and_traffic_resumes() {
     vaned.wait_state("up", UP).unwrap();
     lab.pair.a.ping_until(SERVER_INNER, UP).unwrap();
     for round in 1..=3u64 {
-        let pid = vaned.tunnel_pid().unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        wait_until(UP, "a new tunnel process", || {
-            vaned.status().is_ok_and(|s| {
-                s["tunnel"]["state"] == "up"
-                    && s["tunnel"]["pid"]
-                        .as_u64()
-                        .is_some_and(|p| p != u64::from(pid))
-            })
-        })
-        .unwrap();
+        vaned.kill_tunnel_and_wait_for_the_next(UP).unwrap();
         lab.pair.a.ping_until(SERVER_INNER, UP).unwrap();
         let s = vaned.status().unwrap();
         assert_eq!(s["tunnel"]["restarts"], round, "{s:#}");

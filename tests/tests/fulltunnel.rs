@@ -515,18 +515,7 @@ fn nothing_leaks_through_connect_a_tunnel_kill_a_roam_and_disconnect() {
 
     // The tunnel process is killed: the kill switch holds while it is
     // replaced, and traffic resumes through the new one.
-    let pid = vaned.tunnel_pid().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    wait_until(UP, "a new tunnel process", || {
-        vaned
-            .status()
-            .is_ok_and(|s| s["tunnel"]["state"] == "up" && s["tunnel"]["pid"] != pid)
-    })
-    .unwrap();
+    vaned.kill_tunnel_and_wait_for_the_next(UP).unwrap();
     a.ping_until(NET4, UP).unwrap();
 
     // The uplink changes under the tunnel.
