@@ -45,7 +45,8 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Counters of what was dropped and why, for the log and for tests.
 #[derive(Default)]
 pub struct Counters {
-    /// Datagrams that are not WireGuard messages, or fail authentication.
+    /// Datagrams that are not WireGuard messages, fail authentication or
+    /// replay protection, or carry a packet shorter than its IP header.
     pub invalid_datagrams: AtomicU64,
     /// Datagrams for no known peer (unknown index or static key).
     pub unknown_peer: AtomicU64,
