@@ -328,6 +328,13 @@ impl Device {
                 let Some(data) = buf.get(..meta.len) else {
                     continue;
                 };
+                if data.is_empty() {
+                    // An empty datagram (`chunks` yields nothing for it):
+                    // not a WireGuard message, and counted as such.
+                    Counters::bump(&self.counters.invalid_datagrams);
+                    trace!(%from, "empty datagram");
+                    continue;
+                }
                 for datagram in data.chunks(stride) {
                     let opened = open_datagram(
                         &table,
