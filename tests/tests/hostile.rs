@@ -43,11 +43,14 @@ impl Setup {
         let dir = TempDir::new()?;
         let (vane_if, wg_if) = (unique("v"), unique("w"));
         let (vane_keys, wg_keys) = (Keys::new()?, Keys::new()?);
+        // With a preshared key, so that the logs are also scanned for one.
+        let psk = genpsk()?;
+        let psk_file = dir.write("psk", &psk)?;
         let conf = dir.write(
             "vane.conf",
             &format!(
                 "[Interface]\nPrivateKey = {}\nListenPort = 51820\nAddress = 10.10.0.1/24\nMTU = 1420\n\n\
-                 [Peer]\nPublicKey = {}\nEndpoint = 192.0.2.2:51821\nAllowedIPs = 10.10.0.2/32\n",
+                 [Peer]\nPublicKey = {}\nPresharedKey = {psk}\nEndpoint = 192.0.2.2:51821\nAllowedIPs = 10.10.0.2/32\n",
                 vane_keys.private, wg_keys.public
             ),
         )?;
@@ -63,6 +66,8 @@ impl Setup {
                 "51821",
                 "peer",
                 &vane_keys.public,
+                "preshared-key",
+                &psk_file.to_string_lossy(),
                 "endpoint",
                 "192.0.2.1:51820",
                 "allowed-ips",
