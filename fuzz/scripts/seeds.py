@@ -61,8 +61,12 @@ for i, line in enumerate([
     '{"hello":{"protocol":1,"software":"vaned 0.1.0"}}',
 ]):
     put("ctl_proto", f"line{i}", line)
-with open("/tmp/status.json") as f:
-    status = json.load(f)
+# The status example of docs/control.md.
+with open("docs/control.md") as f:
+    doc = f.read()
+example = doc[doc.index("### Example"):]
+example = example[example.index("```json\n") + 8:]
+status = json.loads(example[:example.index("```")])
 put("ctl_proto", "reply-status", json.dumps({"id": 7, "ok": {"kind": "status", "status": status}}))
 put("ctl_proto", "event-status", json.dumps({"id": 9, "event": {"kind": "status", "status": status}}))
 
