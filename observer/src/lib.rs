@@ -33,7 +33,8 @@ mod watch;
 pub use classify::{Classifier, GlobError};
 pub use coalesce::Coalescer;
 pub use observer::{
-    Change, Observer, ObserverConfig, ObserverError, ResolvConfOverride, RESOLVED_TRIGGER_FILE,
+    decode_all, Change, Observer, ObserverConfig, ObserverError, ResolvConfOverride,
+    RESOLVED_TRIGGER_FILE,
 };
 pub use resolved::DnsSource;
 

@@ -822,9 +822,11 @@ async fn run(
     }
 }
 
-/// Decodes every rtnetlink message of a datagram; undecodable ones are
-/// logged and skipped.
-fn decode_all(buf: &[u8]) -> Vec<NetlinkMessage<RouteNetlinkMessage>> {
+/// Decodes every rtnetlink message of a datagram as the observer receives
+/// it from the kernel; undecodable ones are logged and skipped. Public so
+/// that the fuzz targets can feed [`NetState`](crate::NetState) exactly
+/// what the observer would.
+pub fn decode_all(buf: &[u8]) -> Vec<NetlinkMessage<RouteNetlinkMessage>> {
     let mut out = Vec::new();
     let mut offset = 0;
     for f in nl80211::frames(buf) {

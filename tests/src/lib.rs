@@ -16,6 +16,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -331,11 +332,54 @@ impl Drop for Proc {
         } else if std::thread::panicking() || std::env::var_os("VANE_E2E_LOGS").is_some() {
             eprintln!("---- log of {} ----\n{}", self.what, self.log());
         }
+        // No process may ever log key material (SECURITY.md): every log
+        // is scanned for the secrets the test made.
+        let leak = key_material_in(&self.log());
         let _ = std::fs::remove_file(&self.log);
         for path in &self.owned {
             let _ = std::fs::remove_file(path);
         }
+        if let Some(what) = leak {
+            if std::thread::panicking() {
+                eprintln!("---- {} logged key material: {what} ----", self.what);
+            } else {
+                panic!("{} logged key material: {what}", self.what);
+            }
+        }
     }
+}
+
+/// Every secret (private and preshared key) the tests made, in the forms
+/// a log could show it: base64 as in configuration files, hex as in the
+/// userspace API.
+static SECRETS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Registers a base64 key as a secret that no log may contain.
+pub fn register_secret(base64_key: &str) {
+    use base64::Engine as _;
+    let mut secrets = SECRETS.lock().unwrap_or_else(|e| e.into_inner());
+    secrets.push(base64_key.to_owned());
+    if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(base64_key) {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        secrets.push(hex);
+    }
+}
+
+/// Which registered secret `text` contains, if any (its first 6
+/// characters, never the whole key).
+pub fn key_material_in(text: &str) -> Option<String> {
+    let secrets = SECRETS.lock().unwrap_or_else(|e| e.into_inner());
+    secrets
+        .iter()
+        .find(|k| text.contains(k.as_str()))
+        .map(|k| format!("the key starting {}", &k[..6]))
+}
+
+/// A new preshared key made by wg(8), registered as a secret.
+pub fn genpsk() -> Result<String> {
+    let psk = run(Command::new("wg").arg("genpsk"))?.trim().to_owned();
+    register_secret(&psk);
+    Ok(psk)
 }
 
 /// A WireGuard key pair made by wg(8).
@@ -357,6 +401,7 @@ impl Keys {
             .context("stdin")?
             .write_all(private.as_bytes())?;
         let out = c.wait_with_output()?;
+        register_secret(&private);
         Ok(Keys {
             private,
             public: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
@@ -577,4 +622,24 @@ pub fn tunnel_addrs(ns: &Netns, ifname: &str, addrs: &[&str]) -> Result<()> {
     }
     ns.ip(&["link", "set", ifname, "mtu", "1420", "up"])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_material_is_found_in_either_form() {
+        // A fixed key, not from wg(8): this test needs no root.
+        let key = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+        let hex = "c809f3e5317e9575c9b5ed78b638b7ce530dabe85ddab614220241801ddf0669";
+        assert_eq!(key_material_in(&format!("x {key} y")), None);
+        register_secret(key);
+        let found = key_material_in(&format!("PrivateKey = {key}"));
+        assert_eq!(found.as_deref(), Some("the key starting yAnz5T"));
+        assert!(key_material_in(&format!("private_key={hex}\n")).is_some());
+        // Not a prefix, not another key.
+        assert!(key_material_in(&key[..20]).is_none());
+        assert!(key_material_in("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=").is_none());
+    }
 }

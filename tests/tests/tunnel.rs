@@ -338,9 +338,7 @@ fn wg_show_set_showconf_and_setconf_work_against_vane() -> Result<()> {
     // Add a peer with a preshared key and keepalive, change allowed IPs,
     // remove an allowed IP, change the port.
     let extra = Keys::new()?;
-    let psk = s
-        .dir
-        .write("psk", &run(std::process::Command::new("wg").arg("genpsk"))?)?;
+    let psk = s.dir.write("psk", &genpsk()?)?;
     a.exec(
         "wg",
         &[

@@ -220,15 +220,31 @@ pub enum Opened {
     Cookie(Vec<u8>),
 }
 
-/// A decrypted packet of `len` bytes from `src`: for the TUN device if the
-/// sending peer owns that source (the longest-prefix match), else dropped.
+/// The shortest IPv4 and IPv6 headers.
+const IPV4_HEADER: usize = 20;
+const IPV6_HEADER: usize = 40;
+
+/// A decrypted packet of `len` bytes from `src`: for the TUN device if it
+/// holds at least its IP header (`header`) and the sending peer owns that
+/// source (the longest-prefix match), else dropped.
+///
+/// boringtun cuts the packet to its IPv4 total length without checking
+/// that this covers the header (a length of 1 gave a 1-byte "packet"; found
+/// by the `datagram` fuzz target); wireguard-go drops such packets, and so
+/// does vane.
 fn inner(
     table: &PeerTable,
     peer: &Arc<Peer>,
     len: usize,
+    header: usize,
     src: std::net::IpAddr,
     counters: &Counters,
 ) -> Opened {
+    if len < header {
+        Counters::bump(&counters.invalid_datagrams);
+        debug!(peer = %PeerName(&peer.public_key), len, "decrypted packet shorter than its IP header, dropped");
+        return Opened::Nothing;
+    }
     if table.allows_source(peer, src) {
         Opened::Tunnel { len }
     } else {
@@ -325,10 +341,10 @@ pub fn open_datagram(
                 Opened::Network(Arc::clone(peer), sends)
             }
             TunnResult::WriteToTunnelV4(p, src) => {
-                inner(table, peer, p.len(), src.into(), counters)
+                inner(table, peer, p.len(), IPV4_HEADER, src.into(), counters)
             }
             TunnResult::WriteToTunnelV6(p, src) => {
-                inner(table, peer, p.len(), src.into(), counters)
+                inner(table, peer, p.len(), IPV6_HEADER, src.into(), counters)
             }
         };
         // Authenticated: the peer is where this came from (roaming).
@@ -353,6 +369,7 @@ fn count_error(counters: &Counters, peer: &Peer, e: WireGuardError, from: Socket
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
@@ -422,6 +439,84 @@ mod tests {
         assert!(groups.iter().all(|&(_, _, len)| len <= MAX_GSO_BYTES));
         assert_eq!(groups.iter().map(|g| g.0).sum::<usize>(), 50);
         assert_eq!(groups[0].0, MAX_GSO_BYTES / 1452);
+    }
+
+    /// A device with one peer (AllowedIPs 10.0.0.2/32) and a boringtun
+    /// `Tunn` playing that peer, with a completed handshake.
+    fn session() -> (PeerTable, Tunn, Counters) {
+        use crate::model::{DeviceConfig, Key, PeerConfig};
+        use boringtun::x25519::{PublicKey, StaticSecret};
+        let (ours, theirs) = ([0x11u8; 32], [0x22u8; 32]);
+        let mut pc = PeerConfig::new(Key::from_bytes(theirs).public_key());
+        pc.add_allowed_ip("10.0.0.2/32".parse().unwrap());
+        let config = DeviceConfig {
+            private_key: Some(Key::from_bytes(ours)),
+            listen_port: 51820,
+            fwmark: 0,
+            peers: vec![pc],
+        };
+        let table = PeerTable::build(&PeerTable::default(), &DeviceConfig::default(), &config);
+        let our_public = PublicKey::from(&StaticSecret::from(ours));
+        let mut peer = Tunn::new(StaticSecret::from(theirs), our_public, None, None, 1, None);
+        let counters = Counters::default();
+        let mut buf = vec![0u8; 2048];
+        let TunnResult::WriteToNetwork(init) = peer.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!("no initiation");
+        };
+        let init = init.to_vec();
+        let mut out = Vec::new();
+        let from = addr("192.0.2.2:51821");
+        let Opened::Network(_, answers) =
+            open_datagram(&table, &init, from, &mut out, 0, &counters)
+        else {
+            panic!("initiation not answered");
+        };
+        for a in answers {
+            let _ = peer.decapsulate(Some(from.ip()), &a, &mut buf);
+            while let TunnResult::WriteToNetwork(_) = peer.decapsulate(None, &[], &mut buf) {}
+        }
+        (table, peer, counters)
+    }
+
+    fn seal(peer: &mut Tunn, packet: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0u8; packet.len() + 64];
+        match peer.encapsulate(packet, &mut buf) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!("not sealed"),
+        }
+    }
+
+    /// An IPv4 header from 10.0.0.2 to 10.0.0.1 with `total` as its total
+    /// length, and a payload.
+    fn ipv4(total: u16) -> Vec<u8> {
+        let mut p = vec![
+            0x45, 0, 0, 0, 0, 1, 0, 0, 64, 17, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1,
+        ];
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        p.extend_from_slice(b"hello");
+        p
+    }
+
+    #[test]
+    fn a_packet_shorter_than_its_ip_header_is_dropped_and_counted() {
+        // The input the datagram fuzz target found: an IPv4 total length
+        // of 1 made boringtun hand over a 1-byte packet.
+        let (table, mut peer, counters) = session();
+        let from = addr("192.0.2.2:51821");
+        let mut out = Vec::new();
+        let d = seal(&mut peer, &ipv4(1));
+        let o = open_datagram(&table, &d, from, &mut out, 16, &counters);
+        assert!(matches!(o, Opened::Nothing));
+        assert_eq!(counters.invalid_datagrams.load(Ordering::Relaxed), 1);
+        // A whole packet passes; replayed, it is refused and counted.
+        let d = seal(&mut peer, &ipv4(25));
+        let o = open_datagram(&table, &d, from, &mut out, 16, &counters);
+        assert!(matches!(o, Opened::Tunnel { len: 25 }));
+        assert_eq!(&out[16..], &ipv4(25)[..]);
+        let o = open_datagram(&table, &d, from, &mut out, 16, &counters);
+        assert!(matches!(o, Opened::Nothing));
+        assert_eq!(counters.invalid_datagrams.load(Ordering::Relaxed), 2);
     }
 
     #[test]

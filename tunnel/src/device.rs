@@ -45,7 +45,8 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Counters of what was dropped and why, for the log and for tests.
 #[derive(Default)]
 pub struct Counters {
-    /// Datagrams that are not WireGuard messages, or fail authentication.
+    /// Datagrams that are not WireGuard messages, fail authentication or
+    /// replay protection, or carry a packet shorter than its IP header.
     pub invalid_datagrams: AtomicU64,
     /// Datagrams for no known peer (unknown index or static key).
     pub unknown_peer: AtomicU64,
@@ -327,6 +328,13 @@ impl Device {
                 let Some(data) = buf.get(..meta.len) else {
                     continue;
                 };
+                if data.is_empty() {
+                    // An empty datagram (`chunks` yields nothing for it):
+                    // not a WireGuard message, and counted as such.
+                    Counters::bump(&self.counters.invalid_datagrams);
+                    trace!(%from, "empty datagram");
+                    continue;
+                }
                 for datagram in data.chunks(stride) {
                     let opened = open_datagram(
                         &table,
