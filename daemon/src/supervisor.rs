@@ -122,6 +122,18 @@ impl Supervisor {
         }
     }
 
+    /// A tunnel process left by an earlier vaned was adopted: it is up
+    /// (and wanted up, until the rules say otherwise) as a new generation,
+    /// whose failure is restarted like any other.
+    pub fn adopted(&mut self, now: Instant) -> u64 {
+        self.want_up = true;
+        self.generation += 1;
+        self.timer = None;
+        self.up_since = Some(now);
+        self.set(TunnelState::Up, now);
+        self.generation
+    }
+
     /// The tunnel of `generation` runs and is configured.
     pub fn started(&mut self, generation: u64, now: Instant) -> Vec<Action> {
         if generation != self.generation || self.state != TunnelState::Starting {
@@ -288,6 +300,21 @@ mod tests {
         assert!(s.want(true, t0).is_empty());
         let g2 = gen(&s.stopped(t0));
         assert!(g2 > g);
+    }
+
+    #[test]
+    fn an_adopted_tunnel_is_up_and_restarted_when_it_dies() {
+        let t0 = Instant::now();
+        let mut s = Supervisor::new(t0);
+        let g = s.adopted(t0);
+        assert_eq!(s.state(), TunnelState::Up);
+        assert!(s.wants_up());
+        assert!(s.want(true, t0).is_empty());
+        let g2 = gen(&s.failed(g, "killed".into(), t0));
+        assert!(g2 > g);
+        let mut s = Supervisor::new(t0);
+        s.adopted(t0);
+        assert_eq!(s.want(false, t0), vec![Action::Stop]);
     }
 
     #[test]
