@@ -18,8 +18,11 @@ use vane_ctl::proto::TunnelState;
 
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
-/// A run at least this long is not part of a crash loop.
-pub const STABLE: Duration = Duration::from_secs(30);
+/// A run at least this long is not part of a crash loop: its exit is
+/// restarted at once, like a first crash. Short enough that a kill or an
+/// upgrade a few seconds after the last one is not taken for a loop; a
+/// tunnel dying every few seconds still restarts no faster than that.
+pub const STABLE: Duration = Duration::from_secs(5);
 
 /// What the shell must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
