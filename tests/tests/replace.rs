@@ -335,3 +335,73 @@ fn flat(what: &str, samples: &[(usize, u64)]) {
         );
     }
 }
+
+/// The nftables ruleset of the client, without counter values.
+fn ruleset(lab: &Lab) -> String {
+    let out = lab.pair.a.exec("nft", &["list", "ruleset"]).unwrap();
+    out.lines()
+        .map(|l| {
+            let mut words: Vec<&str> = Vec::new();
+            let mut it = l.split_whitespace();
+            while let Some(w) = it.next() {
+                if w == "packets" || w == "bytes" {
+                    it.next();
+                } else {
+                    words.push(w);
+                }
+            }
+            words.join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The full tunnel (policy routing, kill switch, the tunnel's DNS): a
+/// killed and a handed-over vaned are replaced and adopt the tunnel with
+/// the rules, the nft table and resolv.conf untouched (same content, and
+/// resolv.conf not even rewritten: same inode).
+#[test]
+fn a_full_tunnel_is_adopted_with_rules_kill_switch_and_dns_untouched() {
+    let lab = Lab::new_with(
+        "include_all_networks = true\n\n[on_demand]\nenabled = true\n\n\
+         [[on_demand.rule]]\naction = \"connect\"\n",
+        "0.0.0.0/0, ::/0",
+        "DNS = 10.99.0.53",
+    )
+    .unwrap();
+    let binary = lab.dir.path().join("vane-tunnel");
+    std::fs::copy(vane_e2e::vane_tunnel_bin(), &binary).unwrap();
+    let vaned = lab.start_vaned_bin(&binary, &[]).unwrap();
+    vaned.wait_state("up", UP).unwrap();
+    lab.pair.a.ping_until(SERVER_INNER, UP).unwrap();
+    let addr: SocketAddr = format!("{SERVER_INNER}:7107").parse().unwrap();
+    let stream = Stream::start(&lab.pair.a, &lab.pair.b, addr, MAX_SILENCE).unwrap();
+    stream.wait_flowing(FLOWING, UP).unwrap();
+    let mut s = Setup {
+        lab,
+        vaned,
+        stream,
+        binary,
+    };
+    let nft = ruleset(&s.lab);
+    assert!(nft.contains("vane"), "the kill switch is in place: {nft}");
+    let resolv = std::fs::read_to_string(&s.lab.resolv_conf).unwrap();
+    assert!(resolv.contains("10.99.0.53"), "the tunnel's DNS: {resolv}");
+    let inode = std::fs::metadata(&s.lab.resolv_conf).unwrap().ino();
+    for stop in [Signal::SIGKILL, Signal::SIGUSR2] {
+        replace_vaned(&mut s, stop);
+        assert_eq!(ruleset(&s.lab), nft, "the nft ruleset changed");
+        assert_eq!(
+            std::fs::read_to_string(&s.lab.resolv_conf).unwrap(),
+            resolv
+        );
+        assert_eq!(
+            std::fs::metadata(&s.lab.resolv_conf).unwrap().ino(),
+            inode,
+            "resolv.conf was rewritten"
+        );
+        let st = s.vaned.status().unwrap();
+        assert_eq!(st["tunnel"]["kill_switch"]["active"], true, "{st:#}");
+    }
+    finish(s);
+}
