@@ -524,6 +524,10 @@ impl Worker {
                 active: true,
                 error: None,
             });
+        } else {
+            // No table where one is wanted (put it in place), or one that
+            // is not wanted (remove it).
+            self.sync_kill_switch();
         }
         self.adopt_dns();
         let diff = crate::adopt::differences(&self.plan.device, &live);

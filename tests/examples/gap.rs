@@ -250,6 +250,10 @@ fn main() -> Result<()> {
             print!(", new handshakes {handshakes}/{n}");
         }
         println!();
+        if std::env::var_os("GAP_VERBOSE").is_some() {
+            let all: Vec<String> = gaps.iter().map(|g| format!("{g:.1}")).collect();
+            println!("  all (ms, sorted): {}", all.join(" "));
+        }
     }
     stop.store(true, Ordering::Relaxed);
     Ok(())
