@@ -50,6 +50,24 @@ enum WorkerMsg {
     Plan(Box<Plan>),
     Locals(Vec<ipnet::IpNet>),
     Protect(bool),
+    Adopt {
+        found: Box<crate::adopt::Adoptable>,
+        generation: u64,
+        locals: Vec<ipnet::IpNet>,
+        protect: bool,
+    },
+    /// Exit leaving everything in place for the next vaned.
+    HandOver,
+}
+
+/// How the loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Everything vaned set up was taken down.
+    Stopped,
+    /// The tunnel, its device, rules, kill switch and DNS were left in
+    /// place for the next vaned to adopt (SIGUSR2).
+    HandedOver,
 }
 
 struct Daemon {
@@ -71,6 +89,8 @@ struct Daemon {
     started: SystemTime,
     /// SIGTERM arrived: stop the tunnel, then exit.
     shutting_down: bool,
+    /// SIGUSR2 arrived: exit, leaving the tunnel for the next vaned.
+    handing_over: bool,
     /// Replies to commands that wait for the tunnel to settle.
     parked: Vec<tokio::sync::oneshot::Sender<Result<Reply, ProtoError>>>,
     /// The uplinks' subnets last told to the worker.
@@ -95,7 +115,7 @@ pub fn policy_view(s: &vane_observer::NetworkSnapshot) -> engine::NetworkSnapsho
     }
 }
 
-pub async fn run(options: Options) -> Result<()> {
+pub async fn run(options: Options) -> Result<Exit> {
     let Options {
         rules,
         plan,
@@ -109,6 +129,16 @@ pub async fn run(options: Options) -> Result<()> {
         resolv_conf,
         state_dir,
     } = options;
+    // A tunnel process left by an earlier vaned (killed, crashed, or
+    // handed over) is adopted when it can be: then what that vaned set up
+    // (device, routes, rules, kill switch, DNS) stays as it is.
+    let adoptable = match crate::adopt::find(&plan.ifname).await {
+        Ok(found) => found,
+        Err(e) => {
+            warn!(interface = %plan.ifname, "cannot adopt the tunnel process left by an earlier vaned: {e:#}; it is stopped and the tunnel starts afresh");
+            None
+        }
+    };
     // What a vaned that crashed left of its DNS goes first, before the
     // observer reads the network's.
     let backend = match dns_backend {
@@ -116,8 +146,10 @@ pub async fn run(options: Options) -> Result<()> {
         None => crate::dns::detect().await,
     };
     let mut dns = crate::dns::DnsManager::new(resolv_conf.clone(), state_dir.clone(), backend);
-    if let Err(e) = dns.repair().await {
-        error!("cannot repair the DNS left by an earlier run: {e}");
+    if adoptable.is_none() {
+        if let Err(e) = dns.repair().await {
+            error!("cannot repair the DNS left by an earlier run: {e}");
+        }
     }
     observer.exclusions = exclusions(&plan);
     observer.interface_overrides = overrides(&rules);
@@ -128,14 +160,16 @@ pub async fn run(options: Options) -> Result<()> {
 
     // A tunnel process and device left behind by a vaned that crashed:
     // they go, and the rules decide afresh.
-    crate::tunnel::stop_orphan(&plan.ifname).await;
-    if let Some(index) = crate::rtnl::link_index(&plan.ifname) {
-        warn!(interface = %plan.ifname, "removing the interface left by an earlier run");
-        if let Err(e) = crate::rtnl::delete_link(index) {
-            warn!("cannot remove it: {e}");
+    if adoptable.is_none() {
+        crate::tunnel::stop_orphan(&plan.ifname).await;
+        if let Some(index) = crate::rtnl::link_index(&plan.ifname) {
+            warn!(interface = %plan.ifname, "removing the interface left by an earlier run");
+            if let Err(e) = crate::rtnl::delete_link(index) {
+                warn!("cannot remove it: {e}");
+            }
         }
+        crate::tunnel::remove_stale_rules();
     }
-    crate::tunnel::remove_stale_rules();
 
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
     let (probes_tx, mut probes_done) = mpsc::unbounded_channel::<probe::Done>();
@@ -149,6 +183,7 @@ pub async fn run(options: Options) -> Result<()> {
         applied: false,
     });
     match crate::killswitch::present() {
+        Ok(true) if adoptable.is_some() => worker.adopt_stale_kill_switch(),
         Ok(true) => {
             warn!("a kill switch table from an earlier run is in place; the rules decide whether it stays");
             worker.adopt_stale_kill_switch();
@@ -164,6 +199,16 @@ pub async fn run(options: Options) -> Result<()> {
                 WorkerMsg::Plan(p) => worker.set_plan(*p),
                 WorkerMsg::Locals(l) => worker.set_locals(l),
                 WorkerMsg::Protect(on) => worker.set_protect(on),
+                WorkerMsg::Adopt {
+                    found,
+                    generation,
+                    locals,
+                    protect,
+                } => worker.adopt(*found, generation, locals, protect).await,
+                WorkerMsg::HandOver => {
+                    worker.hand_over();
+                    return;
+                }
             }
         }
         // The loop is gone: take the tunnel down with it, and the kill
@@ -219,12 +264,28 @@ pub async fn run(options: Options) -> Result<()> {
         last_published: None,
         started: SystemTime::now(),
         shutting_down: false,
+        handing_over: false,
         parked: Vec::new(),
         locals: Vec::new(),
         protect_sent: None,
         kill_switch_active: false,
         kill_switch_error: None,
     };
+    if let Some(found) = adoptable {
+        // Up as the earlier vaned left it; the first evaluation below
+        // stops it if the rules now say down.
+        let generation = d.supervisor.adopted(Instant::now());
+        d.pid = Some(found.pid);
+        d.locals = crate::routing::local_subnets(&d.observer.snapshot());
+        let protect = d.protect_wanted();
+        d.protect_sent = Some(protect);
+        let _ = d.worker.send(WorkerMsg::Adopt {
+            found: Box::new(found),
+            generation,
+            locals: d.locals.clone(),
+            protect,
+        });
+    }
     d.follow_locals();
     d.evaluate();
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -233,6 +294,7 @@ pub async fn run(options: Options) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut sigusr2 = signal(SignalKind::user_defined2()).context("SIGUSR2 handler")?;
     let watchdog = sd_notify::watchdog_enabled()
         .map(|interval| (interval / 2).max(std::time::Duration::from_millis(100)));
     let mut watchdog_tick =
@@ -284,6 +346,11 @@ pub async fn run(options: Options) -> Result<()> {
             _ = sighup.recv() => { info!("SIGHUP: reloading the rules"); d.reload(); }
             _ = sigterm.recv(), if !d.shutting_down => { info!("SIGTERM: shutting down"); d.shut_down(); }
             _ = sigint.recv(), if !d.shutting_down => { info!("SIGINT: shutting down"); d.shut_down(); }
+            _ = sigusr2.recv(), if !d.shutting_down => {
+                info!("SIGUSR2: handing over (the tunnel, its rules, kill switch and DNS stay for the next vaned)");
+                d.handing_over = true;
+                break;
+            }
             _ = async { tokio::time::sleep_until(timer.unwrap_or_else(Instant::now).into()).await }, if timer.is_some() => {
                 let actions = d.supervisor.timer_fired(Instant::now());
                 d.dispatch(actions);
@@ -298,10 +365,17 @@ pub async fn run(options: Options) -> Result<()> {
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     server.abort();
+    let exit = if d.handing_over {
+        let _ = d.worker.send(WorkerMsg::HandOver);
+        Exit::HandedOver
+    } else {
+        Exit::Stopped
+    };
     drop(d);
-    // The worker stops the tunnel when its channel closes.
+    // The worker stops the tunnel when its channel closes (unless it
+    // hands over).
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), worker_task).await;
-    Ok(())
+    Ok(exit)
 }
 
 /// What the observer must not count as the underlying network: the

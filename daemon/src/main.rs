@@ -5,9 +5,11 @@
 //! should be up, and supervises a `vane-tunnel` process accordingly. It is
 //! controlled through the socket `/run/vane/vaned.sock` (see `vanectl`).
 //!
-//! Exit status: 0 after a clean stop (SIGTERM, SIGINT); 2 when the rule
-//! file or the tunnel's configuration is refused at start; 1 for a runtime
-//! failure.
+//! Exit status: 0 after a clean stop (SIGTERM, SIGINT: everything vaned
+//! set up is taken down); 75 after a handover (SIGUSR2: the tunnel
+//! process, its device, rules, kill switch and DNS are left running for
+//! the next vaned, which adopts them); 2 when the rule file or the
+//! tunnel's configuration is refused at start; 1 for a runtime failure.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -19,6 +21,7 @@ use tracing::warn;
 use vane_observer::{DnsSource, ObserverConfig};
 use vane_policy::reload::RuleSource;
 
+mod adopt;
 mod control;
 mod daemon;
 mod dns;
@@ -33,6 +36,8 @@ mod tunnel;
 mod uapi_client;
 
 const EXIT_CONFIG: u8 = 2;
+/// After a handover (EX_TEMPFAIL: the unit restarts vaned at once).
+const EXIT_HANDOVER: u8 = 75;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -133,7 +138,8 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(start(args, rules, plan, binary)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(daemon::Exit::Stopped) => ExitCode::SUCCESS,
+        Ok(daemon::Exit::HandedOver) => ExitCode::from(EXIT_HANDOVER),
         Err(e) => {
             eprintln!("vaned: {e:#}");
             ExitCode::FAILURE
@@ -189,7 +195,12 @@ fn make_dir(dir: &Path, mode: u32) -> Result<()> {
         .with_context(|| format!("cannot create {}", dir.display()))
 }
 
-async fn start(args: Args, rules: RuleSource, plan: tunnel::Plan, binary: PathBuf) -> Result<()> {
+async fn start(
+    args: Args,
+    rules: RuleSource,
+    plan: tunnel::Plan,
+    binary: PathBuf,
+) -> Result<daemon::Exit> {
     make_dir(&args.runtime_dir, 0o755)?;
     make_dir(&args.state_dir, 0o755)?;
     let store = state::StateStore::new(&args.state_dir);

@@ -18,8 +18,11 @@ use vane_ctl::proto::TunnelState;
 
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
-/// A run at least this long is not part of a crash loop.
-pub const STABLE: Duration = Duration::from_secs(30);
+/// A run at least this long is not part of a crash loop: its exit is
+/// restarted at once, like a first crash. Short enough that a kill or an
+/// upgrade a few seconds after the last one is not taken for a loop; a
+/// tunnel dying every few seconds still restarts no faster than that.
+pub const STABLE: Duration = Duration::from_secs(5);
 
 /// What the shell must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +123,18 @@ impl Supervisor {
                 vec![Action::Stop]
             }
         }
+    }
+
+    /// A tunnel process left by an earlier vaned was adopted: it is up
+    /// (and wanted up, until the rules say otherwise) as a new generation,
+    /// whose failure is restarted like any other.
+    pub fn adopted(&mut self, now: Instant) -> u64 {
+        self.want_up = true;
+        self.generation += 1;
+        self.timer = None;
+        self.up_since = Some(now);
+        self.set(TunnelState::Up, now);
+        self.generation
     }
 
     /// The tunnel of `generation` runs and is configured.
@@ -288,6 +303,21 @@ mod tests {
         assert!(s.want(true, t0).is_empty());
         let g2 = gen(&s.stopped(t0));
         assert!(g2 > g);
+    }
+
+    #[test]
+    fn an_adopted_tunnel_is_up_and_restarted_when_it_dies() {
+        let t0 = Instant::now();
+        let mut s = Supervisor::new(t0);
+        let g = s.adopted(t0);
+        assert_eq!(s.state(), TunnelState::Up);
+        assert!(s.wants_up());
+        assert!(s.want(true, t0).is_empty());
+        let g2 = gen(&s.failed(g, "killed".into(), t0));
+        assert!(g2 > g);
+        let mut s = Supervisor::new(t0);
+        s.adopted(t0);
+        assert_eq!(s.want(false, t0), vec![Action::Stop]);
     }
 
     #[test]

@@ -81,6 +81,8 @@ struct Running {
     expect_exit: Option<oneshot::Sender<()>>,
     /// Becomes true when the process has exited.
     exited: watch::Receiver<bool>,
+    /// An adopted process (not our child) is signalled through its pidfd.
+    pidfd: Option<std::sync::Arc<OwnedFd>>,
 }
 
 pub struct Worker {
@@ -365,6 +367,7 @@ impl Worker {
             pid,
             expect_exit: Some(expect_tx),
             exited: exited_rx,
+            pidfd: None,
         });
         let path = uapi_client::socket_path(&self.plan.ifname);
         let mut config = self.plan.device.clone();
@@ -446,14 +449,138 @@ impl Worker {
             let _ = tx.send(());
         }
         let pid = nix::unistd::Pid::from_raw(running.pid as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let signal = |sig| match &running.pidfd {
+            Some(fd) => {
+                let _ = crate::adopt::pidfd_signal(fd, sig);
+            }
+            None => {
+                let _ = nix::sys::signal::kill(pid, sig);
+            }
+        };
+        signal(nix::sys::signal::Signal::SIGTERM);
         if tokio::time::timeout(STOP_TIMEOUT, running.exited.wait_for(|e| *e))
             .await
             .is_err()
         {
             warn!(pid = running.pid, "tunnel process ignored SIGTERM; SIGKILL");
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            signal(nix::sys::signal::Signal::SIGKILL);
             let _ = tokio::time::timeout(STOP_TIMEOUT, running.exited.wait_for(|e| *e)).await;
+        }
+    }
+
+    /// Takes over a tunnel process left by an earlier vaned (see
+    /// crate::adopt): it becomes this worker's running process of
+    /// `generation`, and the device, routes, rules, kill switch and DNS in
+    /// place are taken as applied. Nothing on the data path is touched
+    /// unless its configuration differs from the plan, which is then
+    /// applied with `set` (no restart).
+    pub async fn adopt(
+        &mut self,
+        found: crate::adopt::Adoptable,
+        generation: u64,
+        locals: Vec<IpNet>,
+        protect: bool,
+    ) {
+        let crate::adopt::Adoptable {
+            pid,
+            pidfd,
+            socket,
+            config: live,
+        } = found;
+        let pidfd = std::sync::Arc::new(pidfd);
+        let (expect_tx, expect_rx) = oneshot::channel();
+        let (exited_tx, exited_rx) = watch::channel(false);
+        tokio::spawn(watch_pidfd(
+            std::sync::Arc::clone(&pidfd),
+            generation,
+            expect_rx,
+            exited_tx,
+            self.reports.clone(),
+        ));
+        self.running = Some(Running {
+            pid,
+            expect_exit: Some(expect_tx),
+            exited: exited_rx,
+            pidfd: Some(pidfd),
+        });
+        if socket.is_some() {
+            self.socket = socket;
+        }
+        self.up = true;
+        self.locals = locals;
+        if let Some(ft) = &self.plan.full {
+            self.rules = routing::rules(ft, &self.locals);
+        }
+        self.protect = protect;
+        if let (Some(ft), true, true) = (&self.plan.full, protect, self.stale_shield) {
+            // The table in place is the one this plan makes.
+            self.shield = Some(killswitch::Spec {
+                tunnel_if: self.plan.ifname.clone(),
+                fwmark: ft.fwmark,
+                allow_nets: routing::kill_switch_allowed(ft, &self.locals),
+            });
+            self.stale_shield = false;
+            let _ = self.reports.send(Report::KillSwitch {
+                active: true,
+                error: None,
+            });
+        } else {
+            // No table where one is wanted (put it in place), or one that
+            // is not wanted (remove it).
+            self.sync_kill_switch();
+        }
+        self.adopt_dns();
+        let diff = crate::adopt::differences(&self.plan.device, &live);
+        if diff.is_empty() {
+            info!(interface = %self.plan.ifname, pid, generation, "adopted the running tunnel process; its configuration matches, nothing changed");
+            return;
+        }
+        info!(interface = %self.plan.ifname, pid, "adopted the running tunnel process; applying the configuration (differs: {})", diff.join(", "));
+        let mut config = self.plan.device.clone();
+        config.listen_port = live.listen_port;
+        let path = uapi_client::socket_path(&self.plan.ifname);
+        if let Err(e) = uapi_client::set(&path, &config).await {
+            warn!(interface = %self.plan.ifname, "configuring the adopted tunnel: {e}; restarting it");
+            // Its exit is reported as a failure: the supervisor restarts it.
+            if let Some(r) = &self.running {
+                if let Some(fd) = &r.pidfd {
+                    let _ = crate::adopt::pidfd_signal(fd, nix::sys::signal::Signal::SIGTERM);
+                }
+            }
+        }
+    }
+
+    /// The tunnel's DNS of the plan is taken as in place (an earlier vaned
+    /// applied it and handed over), and the observer is told the
+    /// network's own resolv.conf from the backup.
+    fn adopt_dns(&mut self) {
+        let plan = &self.plan;
+        let Some(shell) = &mut self.dns else { return };
+        if plan.dns_servers.is_empty() {
+            return;
+        }
+        shell.applied = true;
+        if shell.manager.backend() != dns::Backend::Resolved {
+            if let Ok(Some(bytes)) =
+                dns::underlying_resolv_conf(&shell.resolv_conf, &shell.state_dir)
+            {
+                let text = String::from_utf8_lossy(&bytes);
+                shell
+                    .observer
+                    .set(Some(vane_observer::dns::parse_resolv_conf(&text)));
+            }
+        }
+    }
+
+    /// vaned hands over to a successor: the process, device, routes,
+    /// rules, kill switch and DNS stay as they are; only the watcher is
+    /// told the coming silence is expected.
+    pub fn hand_over(&mut self) {
+        if let Some(mut r) = self.running.take() {
+            if let Some(tx) = r.expect_exit.take() {
+                let _ = tx.send(());
+            }
+            info!(interface = %self.plan.ifname, pid = r.pid, "handing over: the tunnel process, its device, rules, kill switch and DNS stay for the next vaned");
         }
     }
 
@@ -565,6 +692,39 @@ async fn watch_child(
     let error = match status {
         Ok(s) => format!("vane-tunnel exited ({s})"),
         Err(e) => format!("cannot wait for vane-tunnel: {e}"),
+    };
+    warn!(generation, "{error}");
+    let _ = reports.send(Report::Failed { generation, error });
+}
+
+/// Watches a process that is not our child (adopted) through its pidfd,
+/// which becomes readable when it exits.
+async fn watch_pidfd(
+    pidfd: std::sync::Arc<OwnedFd>,
+    generation: u64,
+    mut expected: oneshot::Receiver<()>,
+    exited: watch::Sender<bool>,
+    reports: mpsc::UnboundedSender<Report>,
+) {
+    let register = |fd: OwnedFd| {
+        // SAFETY: the AsyncFd owns this descriptor (a copy of the pidfd)
+        // and nothing else closes or replaces it while it is registered.
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(io::Error::from)
+    };
+    let result = match pidfd.try_clone().and_then(register) {
+        Ok(fd) => fd.readable().await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    exited.send_replace(true);
+    if expected.try_recv().is_ok() {
+        return;
+    }
+    let error = match result {
+        Ok(()) => "the adopted vane-tunnel exited".to_owned(),
+        Err(e) => format!("cannot watch the adopted vane-tunnel: {e}"),
     };
     warn!(generation, "{error}");
     let _ = reports.send(Report::Failed { generation, error });

@@ -112,6 +112,43 @@ pub async fn get(path: &Path, timeout: Duration) -> io::Result<Live> {
     parse_get(&reply)
 }
 
+/// Reads the tunnel's configuration (keys, port, mark, peers) as a
+/// [`DeviceConfig`]: the `get` reply's configuration lines are a `set`
+/// body, parsed by the tunnel's own strict parser; the counters are left
+/// out. The private key is kept in memory only (the plan holds it too).
+pub async fn get_config(path: &Path, timeout: Duration) -> io::Result<DeviceConfig> {
+    let reply = Zeroizing::new(exchange(path, b"get=1\n\n", timeout).await?);
+    parse_get_config(&reply)
+}
+
+/// The configuration part of a `get` reply (see [`get_config`]).
+pub fn parse_get_config(reply: &str) -> io::Result<DeviceConfig> {
+    const CONFIG_KEYS: &[&str] = &[
+        "private_key",
+        "listen_port",
+        "fwmark",
+        "public_key",
+        "preshared_key",
+        "endpoint",
+        "persistent_keepalive_interval",
+        "allowed_ip",
+    ];
+    match errno_of(reply)? {
+        0 => {}
+        e => return Err(io::Error::other(format!("get answered errno={e}"))),
+    }
+    let mut body = Zeroizing::new(String::new());
+    for line in reply.lines() {
+        let key = line.split_once('=').map(|(k, _)| k).unwrap_or(line);
+        if CONFIG_KEYS.contains(&key) {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    vane_tunnel::uapi::apply_set(&DeviceConfig::default(), body.trim_end())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("get reply: {e}")))
+}
+
 /// Parses a `get` reply: the interface lines, then one block per peer
 /// starting at `public_key=`. Keys are shown in base64 as wg(8) does; the
 /// private key line is skipped and never kept.

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod stream;
 pub mod vaned;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -492,6 +493,19 @@ impl Pattern {
     pub fn new(seed: u64) -> Self {
         Pattern(seed | 1)
     }
+    /// Fills `buf` with the next bytes of the stream: unlike [`fill`],
+    /// the output does not depend on how the stream is cut into buffers.
+    ///
+    /// [`fill`]: Pattern::fill
+    pub fn fill_stream(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            *b = (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8;
+        }
+    }
+
     pub fn fill(&mut self, buf: &mut [u8]) {
         for chunk in buf.chunks_mut(8) {
             self.0 ^= self.0 >> 12;

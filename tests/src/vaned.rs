@@ -203,6 +203,11 @@ impl Lab {
 
     /// Starts vaned in the client namespace and waits until it answers.
     pub fn start_vaned(&self, extra: &[&str]) -> Result<Vaned> {
+        self.start_vaned_bin(&crate::vane_tunnel_bin(), extra)
+    }
+
+    /// Starts vaned with `--tunnel-binary BINARY`.
+    pub fn start_vaned_bin(&self, binary: &Path, extra: &[&str]) -> Result<Vaned> {
         let run = self.dir.path().join("run");
         let state = self.dir.path().join("state");
         let mut args: Vec<String> = vec![
@@ -213,7 +218,7 @@ impl Lab {
             "--state-dir".into(),
             state.display().to_string(),
             "--tunnel-binary".into(),
-            crate::vane_tunnel_bin().display().to_string(),
+            binary.display().to_string(),
             "--ssid-file".into(),
             self.ssid_file.display().to_string(),
             "--resolv-conf".into(),

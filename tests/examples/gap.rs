@@ -1,0 +1,260 @@
+//! Traffic gap of each replacement kind: a steady stream of small UDP
+//! probes (one every millisecond) goes through the tunnel to the server;
+//! the gap of a cycle is the longest interval with no probe delivered,
+//! from just before the replacement until the tunnel has recovered. A
+//! benchmark, not a test: it prints p50, p99 and max per kind, and how
+//! many cycles recovered (within 10 s).
+//!
+//!   cargo build --release --bins
+//!   sudo VANED=target/release/vaned VANECTL=target/release/vanectl \
+//!        VANE_TUNNEL=target/release/vane-tunnel \
+//!        cargo run --release -p vane-e2e --example gap -- 50
+//!
+//! Kinds: the tunnel process SIGKILLed; its binary replaced on disk and
+//! the old process SIGKILLed; vaned SIGKILLed and started again; vaned
+//! handing over (SIGUSR2) and started again; vaned and the tunnel killed
+//! together and vaned started again. For the vaned kinds it also counts
+//! cycles that caused a new handshake (there should be none).
+//!
+//! Tunnel kills are spaced more than the supervisor's stable run apart,
+//! so each is restarted at once as a single crash or upgrade is (closer
+//! kills are a crash loop and meet the backoff).
+
+use std::net::UdpSocket;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::Signal;
+use vane_e2e::vaned::{Lab, Vaned};
+
+const PORT: u16 = 7788;
+const RECOVERY: Duration = Duration::from_secs(10);
+/// The supervisor's stable run (daemon/src/supervisor.rs STABLE) and a
+/// margin.
+const SPACING: Duration = Duration::from_millis(5_300);
+
+const RULES: &str = "[on_demand]\nenabled = true\n\n\
+[[on_demand.rule]]\naction = \"connect\"\ninterface = \"ethernet\"\n";
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    TunnelKilled,
+    TunnelReplaced,
+    VanedKilled,
+    VanedHandover,
+    BothKilled,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::TunnelKilled => "tunnel killed (SIGKILL)",
+            Kind::TunnelReplaced => "tunnel binary replaced + old killed",
+            Kind::VanedKilled => "vaned killed + restarted (adopts)",
+            Kind::VanedHandover => "vaned handover (SIGUSR2) + restarted",
+            Kind::BothKilled => "vaned and tunnel killed + vaned restarted",
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn kill(pid: u32, sig: Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+}
+
+fn handshake(lab: &Lab) -> String {
+    vane_e2e::wg_show(&lab.pair.b, &lab.server_if, &["latest-handshakes"]).unwrap_or_default()
+}
+
+fn wait(what: &str, mut cond: impl FnMut() -> bool) -> bool {
+    vane_e2e::wait_until(RECOVERY, what, &mut cond).is_ok()
+}
+
+fn new_tunnel(vaned: &Vaned, old: u32) -> bool {
+    wait("a new tunnel", || {
+        vaned.status().is_ok_and(|s| {
+            s["tunnel"]["state"] == "up"
+                && s["tunnel"]["pid"]
+                    .as_u64()
+                    .is_some_and(|p| p != u64::from(old))
+        })
+    })
+}
+
+fn restart_vaned(lab: &Lab, vaned: &mut Vaned, binary: &Path, sig: Signal) -> Result<()> {
+    vaned.proc_.owned.clear();
+    vaned.proc_.stop(sig)?;
+    *vaned = lab.start_vaned_bin(binary, &[])?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(20);
+    let lab = Lab::new(RULES)?;
+    let binary = lab.dir.path().join("vane-tunnel");
+    std::fs::copy(vane_e2e::vane_tunnel_bin(), &binary)?;
+    let mut vaned = lab.start_vaned_bin(&binary, &[])?;
+    vaned.wait_state("up", RECOVERY)?;
+    lab.pair
+        .a
+        .ping_until(vane_e2e::vaned::SERVER_INNER, RECOVERY)?;
+
+    let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (got, halt) = (Arc::clone(&arrivals), Arc::clone(&stop));
+    let _rx = lab.pair.b.run_in(move || {
+        let s = UdpSocket::bind(("10.99.0.2", PORT)).context("probe receiver")?;
+        s.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let _ = ready_tx.send(());
+        let mut buf = [0u8; 64];
+        while !halt.load(Ordering::Relaxed) {
+            if s.recv(&mut buf).is_ok() {
+                let now = Instant::now();
+                if let Ok(mut v) = got.lock() {
+                    v.push(now);
+                }
+            }
+        }
+        Ok(())
+    });
+    ready_rx.recv_timeout(RECOVERY)?;
+    let halt = Arc::clone(&stop);
+    let _tx = lab.pair.a.run_in(move || {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        let mut next = Instant::now();
+        while !halt.load(Ordering::Relaxed) {
+            let _ = s.send_to(b"gap-probe", ("10.99.0.2", PORT));
+            next += Duration::from_millis(1);
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            } else {
+                next = now;
+            }
+        }
+        Ok(())
+    });
+    let take = || std::mem::take(&mut *arrivals.lock().unwrap());
+    let kinds = [
+        Kind::VanedKilled,
+        Kind::VanedHandover,
+        Kind::TunnelKilled,
+        Kind::TunnelReplaced,
+        Kind::BothKilled,
+    ];
+    for kind in kinds {
+        let mut gaps = Vec::new();
+        let mut recovered = 0;
+        let mut handshakes = 0;
+        for _ in 0..n {
+            if matches!(
+                kind,
+                Kind::TunnelKilled | Kind::TunnelReplaced | Kind::BothKilled
+            ) {
+                std::thread::sleep(SPACING);
+            }
+            let old = vaned.tunnel_pid()?;
+            let hs = handshake(&lab);
+            // A new binary goes on disk first (as dpkg puts it there while
+            // the old process runs); the kill is what is measured.
+            let mut inode = 0;
+            if kind == Kind::TunnelReplaced {
+                let tmp = binary.with_extension("new");
+                std::fs::copy(vane_e2e::vane_tunnel_bin(), &tmp)?;
+                std::fs::rename(&tmp, &binary)?;
+                inode = std::fs::metadata(&binary)?.ino();
+            }
+            take();
+            let t0 = Instant::now();
+            let ok = match kind {
+                Kind::TunnelKilled => {
+                    kill(old, Signal::SIGKILL);
+                    new_tunnel(&vaned, old)
+                }
+                Kind::TunnelReplaced => {
+                    kill(old, Signal::SIGKILL);
+                    new_tunnel(&vaned, old)
+                        && std::fs::metadata(format!("/proc/{}/exe", vaned.tunnel_pid()?))
+                            .is_ok_and(|m| m.ino() == inode)
+                }
+                Kind::VanedKilled | Kind::VanedHandover => {
+                    let sig = if kind == Kind::VanedKilled {
+                        Signal::SIGKILL
+                    } else {
+                        Signal::SIGUSR2
+                    };
+                    restart_vaned(&lab, &mut vaned, &binary, sig)?;
+                    wait("adopted", || {
+                        vaned.status().is_ok_and(|s| {
+                            s["tunnel"]["state"] == "up"
+                                && s["tunnel"]["pid"].as_u64() == Some(u64::from(old))
+                        })
+                    })
+                }
+                Kind::BothKilled => {
+                    vaned.proc_.owned.clear();
+                    vaned.proc_.stop(Signal::SIGKILL)?;
+                    kill(old, Signal::SIGKILL);
+                    vaned = lab.start_vaned_bin(&binary, &[])?;
+                    new_tunnel(&vaned, old)
+                }
+            };
+            // Recovered: probes arrive again after the new state was seen.
+            let seen = Instant::now();
+            let ok = ok
+                && wait("probes after recovery", || {
+                    arrivals.lock().unwrap().last().is_some_and(|t| *t > seen)
+                });
+            // A little more traffic, so a gap right after recovery counts.
+            std::thread::sleep(Duration::from_millis(100));
+            let v = take();
+            if !ok {
+                continue;
+            }
+            recovered += 1;
+            let mut last = t0;
+            let mut gap = Duration::ZERO;
+            for t in v.iter().filter(|t| **t >= t0) {
+                gap = gap.max(t.duration_since(last));
+                last = *t;
+            }
+            gaps.push(gap.as_secs_f64() * 1000.0);
+            if matches!(kind, Kind::VanedKilled | Kind::VanedHandover) && handshake(&lab) != hs {
+                handshakes += 1;
+            }
+        }
+        gaps.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        if gaps.is_empty() {
+            bail!("{}: no cycle recovered", kind.name());
+        }
+        print!(
+            "{}: recovered {recovered}/{n}, gap p50={:.1} ms p99={:.1} ms max={:.1} ms",
+            kind.name(),
+            percentile(&gaps, 0.5),
+            percentile(&gaps, 0.99),
+            gaps[gaps.len() - 1],
+        );
+        if matches!(kind, Kind::VanedKilled | Kind::VanedHandover) {
+            print!(", new handshakes {handshakes}/{n}");
+        }
+        println!();
+        if std::env::var_os("GAP_VERBOSE").is_some() {
+            let all: Vec<String> = gaps.iter().map(|g| format!("{g:.1}")).collect();
+            println!("  all (ms, sorted): {}", all.join(" "));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    Ok(())
+}
