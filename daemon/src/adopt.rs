@@ -151,7 +151,7 @@ pub fn pidfd_signal(pidfd: &OwnedFd, signal: nix::sys::signal::Signal) -> io::Re
 }
 
 /// The pid of the process serving the userspace API socket of `ifname`.
-fn socket_peer(ifname: &str) -> io::Result<Option<u32>> {
+pub fn socket_peer(ifname: &str) -> io::Result<Option<u32>> {
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
     let path = uapi_client::socket_path(ifname);
     let stream = match std::os::unix::net::UnixStream::connect(&path) {

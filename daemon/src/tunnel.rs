@@ -153,14 +153,15 @@ impl Worker {
         }
         if shell.manager.backend() != dns::Backend::Resolved && !plan.dns_servers.is_empty() {
             let underlying =
+                // Ours in place: the network's is in the backup (`Some`).
+                // Not ours and nothing applied yet: the file is the
+                // network's. Not ours but applied (resolvconf's file with
+                // ours in it): the override stands.
                 match dns::underlying_resolv_conf(&shell.resolv_conf, &shell.state_dir)? {
-                    // Ours is in place: the network's is in the backup.
-                    Some(bytes) => Some(bytes),
                     None if !shell.applied => {
                         Some(std::fs::read(&shell.resolv_conf).unwrap_or_default())
                     }
-                    // resolvconf's file with ours in it: the override stands.
-                    None => None,
+                    other => other,
                 };
             if let Some(bytes) = underlying {
                 let text = String::from_utf8_lossy(&bytes);
@@ -752,19 +753,14 @@ pub fn remove_stale_rules() {
 /// A tunnel process left running by a vaned that died (its children
 /// outlive it): found by its userspace API socket, identified by the
 /// socket's peer credentials, and stopped, so the new vaned starts from a
-/// clean slate. (Adopting it instead is the replacement work.)
+/// clean slate: the fallback when it cannot be adopted (adopt.rs).
 pub async fn stop_orphan(ifname: &str) {
-    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
     let path = uapi_client::socket_path(ifname);
-    let Ok(stream) = std::os::unix::net::UnixStream::connect(&path) else {
+    let Ok(Some(peer)) = crate::adopt::socket_peer(ifname) else {
         return;
     };
-    let Ok(cred) = getsockopt(&stream, PeerCredentials) else {
-        return;
-    };
-    drop(stream);
-    let pid = nix::unistd::Pid::from_raw(cred.pid());
-    warn!(interface = %ifname, pid = cred.pid(), "stopping the tunnel process left by an earlier vaned");
+    let pid = nix::unistd::Pid::from_raw(peer as i32);
+    warn!(interface = %ifname, pid = peer, "stopping the tunnel process left by an earlier vaned");
     let gone = || std::os::unix::net::UnixStream::connect(&path).is_err();
     for signal in [
         nix::sys::signal::Signal::SIGTERM,
