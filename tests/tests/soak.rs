@@ -53,8 +53,20 @@ impl Samples {
         }
     }
 
+    /// A sample. A connection that just ended may still be closing in
+    /// the process (the userspace API server closes its end once it reads
+    /// the client's EOF), so the descriptors count is the least seen over
+    /// a short bounded wait: a descriptor leaked stays in every read.
     fn take(&mut self, cycle: u64, pid: u32) {
-        let (fds, rss) = usage(pid);
+        let (mut fds, rss) = usage(pid);
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            fds = fds.min(usage(pid).0);
+            if self.rows.last().is_some_and(|r| fds <= r.1) {
+                break;
+            }
+        }
         self.rows.push((cycle, fds, rss));
     }
 
