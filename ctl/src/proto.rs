@@ -264,6 +264,14 @@ pub struct TunnelStatus {
     /// tunnel (`include_all_networks = false`).
     #[serde(default)]
     pub kill_switch: Option<KillSwitchView>,
+    /// How many times the tunnel moved to a new vane-tunnel binary put on
+    /// disk (an upgrade) since vaned started.
+    #[serde(default)]
+    pub upgrades: u32,
+    /// A new vane-tunnel binary on disk that vaned did not move the tunnel
+    /// to, and why (it did not run); the tunnel keeps its binary.
+    #[serde(default)]
+    pub binary_error: Option<String>,
 }
 
 /// The kill switch (nftables `table inet vane`) of a full tunnel.

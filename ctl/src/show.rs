@@ -109,9 +109,15 @@ pub fn status(st: &Status, now: SystemTime) -> String {
     if t.restarts > 0 {
         let _ = write!(s, ", {} restart(s)", t.restarts);
     }
+    if t.upgrades > 0 {
+        let _ = write!(s, ", {} binary upgrade(s)", t.upgrades);
+    }
     s.push('\n');
     if let Some(e) = &t.last_error {
         let _ = writeln!(s, "  last error: {e}");
+    }
+    if let Some(e) = &t.binary_error {
+        let _ = writeln!(s, "  new binary refused: {e}");
     }
     if let Some(k) = &t.kill_switch {
         let _ = writeln!(s, "  kill switch: {}", kill_switch(k));

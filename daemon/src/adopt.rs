@@ -40,7 +40,9 @@ pub struct Adoptable {
 }
 
 /// Checks that `argv` is the command line vaned gives a tunnel for
-/// `ifname`: `vane-tunnel --foreground IFNAME --attach --udp-fd 3`.
+/// `ifname`: `vane-tunnel --foreground IFNAME --attach --udp-fd 3
+/// --ready-fd 4`, or without `--ready-fd 4` as earlier vaneds gave it (the
+/// upgrade from one of those adopts its tunnel too).
 pub fn check_cmdline(argv: &[String], ifname: &str) -> Result<(), String> {
     let Some((exe, args)) = argv.split_first() else {
         return Err("an empty command line".into());
@@ -52,8 +54,16 @@ pub fn check_cmdline(argv: &[String], ifname: &str) -> Result<(), String> {
     if !name.starts_with("vane-tunnel") {
         return Err(format!("{exe:?} is not vane-tunnel"));
     }
-    let want = ["--foreground", ifname, "--attach", "--udp-fd", "3"];
-    if args != want {
+    let want = [
+        "--foreground",
+        ifname,
+        "--attach",
+        "--udp-fd",
+        "3",
+        "--ready-fd",
+        "4",
+    ];
+    if args != want && args != &want[..5] {
         return Err(format!(
             "its arguments {args:?} are not those vaned gives ({want:?})"
         ));
@@ -250,6 +260,12 @@ mod tests {
         let mut extra = good.clone();
         extra.push("--config".into());
         assert!(check_cmdline(&extra, "wg0").is_err());
+        // Today's (with the readiness pipe) and an earlier vaned's.
+        let mut ready = good.clone();
+        ready.extend(args(&["--ready-fd", "4"]));
+        assert_eq!(check_cmdline(&ready, "wg0"), Ok(()));
+        ready[7] = "5".into();
+        assert!(check_cmdline(&ready, "wg0").is_err());
         assert!(check_cmdline(&[], "wg0").is_err());
         assert_eq!(
             split_cmdline(b"/x/vane-tunnel\0--foreground\0wg0\0--attach\0--udp-fd\x003\0"),

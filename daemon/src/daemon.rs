@@ -29,6 +29,10 @@ use crate::supervisor::{Action, Supervisor};
 use crate::tunnel::{Plan, Report, Worker};
 use crate::uapi_client::unix_secs;
 
+/// How long the tunnel binary's path must be quiet before it is checked
+/// (a rename is one event; a file written in place is many).
+const BINARY_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// How vaned was started.
 pub struct Options {
     pub rules: RuleSource,
@@ -58,6 +62,8 @@ enum WorkerMsg {
     },
     /// Exit leaving everything in place for the next vaned.
     HandOver,
+    /// Compare the tunnel binary on disk with the running one.
+    CheckBinary,
 }
 
 /// How the loop ended.
@@ -100,6 +106,8 @@ struct Daemon {
     /// What the worker last reported of the kill switch.
     kill_switch_active: bool,
     kill_switch_error: Option<String>,
+    /// A new tunnel binary on disk that did not run, and why.
+    binary_error: Option<String>,
 }
 
 /// Converts the observer's snapshot to what the rule engine reads.
@@ -204,7 +212,13 @@ pub async fn run(options: Options) -> Result<Exit> {
                     generation,
                     locals,
                     protect,
-                } => worker.adopt(*found, generation, locals, protect).await,
+                } => {
+                    worker.adopt(*found, generation, locals, protect).await;
+                    // An upgrade put a new binary in place before this
+                    // vaned started: the adopted tunnel moves to it.
+                    worker.check_binary().await;
+                }
+                WorkerMsg::CheckBinary => worker.check_binary().await,
                 WorkerMsg::HandOver => {
                     worker.hand_over();
                     return;
@@ -241,6 +255,23 @@ pub async fn run(options: Options) -> Result<Exit> {
         }
     };
 
+    // A new tunnel binary renamed into place (an upgrade) moves a running
+    // tunnel to it; bursts of events are coalesced (see binary_check).
+    let (binary_tx, mut binary_rx) = mpsc::unbounded_channel::<()>();
+    let _binary_watch = match vane_policy::reload::watch(&binary, move || {
+        let _ = binary_tx.send(());
+    }) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(
+                "cannot watch {}: {e}; a new binary is used from the tunnel's next start",
+                binary.display()
+            );
+            None
+        }
+    };
+    let mut binary_check: Option<Instant> = None;
+
     let now = Instant::now();
     let mut d = Daemon {
         decision: engine::decide(
@@ -270,6 +301,7 @@ pub async fn run(options: Options) -> Result<Exit> {
         protect_sent: None,
         kill_switch_active: false,
         kill_switch_error: None,
+        binary_error: None,
     };
     if let Some(found) = adoptable {
         // Up as the earlier vaned left it; the first evaluation below
@@ -338,6 +370,16 @@ pub async fn run(options: Options) -> Result<Exit> {
             }
             _ = async { tokio::time::sleep_until(probe_refresh.unwrap_or_else(Instant::now).into()).await }, if probe_refresh.is_some() => {
                 d.evaluate();
+            }
+            Some(()) = binary_rx.recv() => {
+                // Checked once the events stop for a moment: a binary
+                // written in place is checked when complete, not halfway.
+                while binary_rx.try_recv().is_ok() {}
+                binary_check = Some(Instant::now() + BINARY_SETTLE);
+            }
+            _ = async { tokio::time::sleep_until(binary_check.unwrap_or_else(Instant::now).into()).await }, if binary_check.is_some() => {
+                binary_check = None;
+                let _ = d.worker.send(WorkerMsg::CheckBinary);
             }
             Some(()) = reload_rx.recv() => {
                 while reload_rx.try_recv().is_ok() {}
@@ -487,9 +529,31 @@ impl Daemon {
             Report::Started { generation, pid } => {
                 if generation == self.supervisor.generation() {
                     self.pid = Some(pid);
+                    // It runs the binary on disk.
+                    self.binary_error = None;
                 }
                 self.supervisor.started(generation, now)
             }
+            Report::BinaryChecked { pid, new } => match new {
+                Ok(false) => {
+                    self.binary_error = None;
+                    Vec::new()
+                }
+                Ok(true) => {
+                    self.binary_error = None;
+                    if self.pid == Some(pid) && !self.shutting_down {
+                        info!(binary = %self.binary.display(), pid, "a new tunnel binary is on disk: moving the tunnel to it");
+                        self.supervisor.upgrade(now)
+                    } else {
+                        Vec::new()
+                    }
+                }
+                Err(e) => {
+                    warn!("the new tunnel binary is not used: {e}; the tunnel keeps running the one it has");
+                    self.binary_error = Some(e);
+                    Vec::new()
+                }
+            },
             Report::Failed { generation, error } => {
                 if generation == self.supervisor.generation() {
                     self.pid = None;
@@ -663,6 +727,8 @@ impl Daemon {
                     .or_else(|| self.supervisor.last_error().map(str::to_owned)),
                 listen_port: None,
                 peers: Vec::new(),
+                upgrades: self.supervisor.upgrades(),
+                binary_error: self.binary_error.clone(),
                 kill_switch: self.plan.full.map(|_| KillSwitchView {
                     active: self.kill_switch_active,
                     lockdown: rules.tunnel.lockdown,

@@ -69,8 +69,9 @@ struct Args {
     /// connect at all). Without such a group, only root may.
     #[arg(long, value_name = "GROUP", default_value = "vane")]
     socket_group: String,
-    /// The vane-tunnel binary (default: next to vaned). Read from disk at
-    /// every start, so a replaced binary is the one that runs next.
+    /// The vane-tunnel binary (default: next to vaned). Watched: a new
+    /// file put in its place (an upgrade) that runs (`--version`) takes
+    /// over from the running tunnel at once.
     #[arg(long, value_name = "PATH")]
     tunnel_binary: Option<PathBuf>,
     /// A file naming the SSID of each Wi-Fi interface, for hosts without

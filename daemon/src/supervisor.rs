@@ -50,6 +50,8 @@ pub struct Supervisor {
     failures: u32,
     /// Restarts after failures, in all.
     restarts: u32,
+    /// Moves to a new binary, in all.
+    upgrades: u32,
     last_error: Option<String>,
     timer: Option<Instant>,
 }
@@ -64,6 +66,7 @@ impl Supervisor {
             up_since: None,
             failures: 0,
             restarts: 0,
+            upgrades: 0,
             last_error: None,
             timer: None,
         }
@@ -107,6 +110,31 @@ impl Supervisor {
         vec![Action::Start {
             generation: self.generation,
         }]
+    }
+
+    /// A new tunnel binary is on disk (an upgrade): a running tunnel moves
+    /// to it as a new generation (the worker stops the old process and
+    /// starts the new one). Not a failure: neither the restart count nor
+    /// the backoff changes. Anything but a running, wanted tunnel picks the
+    /// new binary up at its next start anyway.
+    pub fn upgrade(&mut self, now: Instant) -> Vec<Action> {
+        if self.state != TunnelState::Up || !self.want_up {
+            return Vec::new();
+        }
+        self.upgrades += 1;
+        if self
+            .up_since
+            .take()
+            .is_some_and(|t| now.saturating_duration_since(t) >= STABLE)
+        {
+            self.failures = 0;
+        }
+        self.start(now)
+    }
+
+    /// Upgrades done (see [`Supervisor::upgrade`]).
+    pub fn upgrades(&self) -> u32 {
+        self.upgrades
     }
 
     /// The policy's wish.
@@ -223,6 +251,39 @@ mod tests {
             [Action::Start { generation }] => *generation,
             other => panic!("expected a start, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn an_upgrade_moves_a_running_tunnel_without_counting_a_failure() {
+        let t0 = Instant::now();
+        let mut s = Supervisor::new(t0);
+        // Nothing to move while down or starting.
+        assert!(s.upgrade(t0).is_empty());
+        let g1 = gen(&s.want(true, t0));
+        assert!(s.upgrade(t0).is_empty());
+        s.started(g1, t0);
+        let t1 = t0 + STABLE * 2;
+        let g2 = gen(&s.upgrade(t1));
+        assert!(g2 > g1);
+        assert_eq!(s.state(), TunnelState::Starting);
+        assert_eq!((s.restarts(), s.upgrades()), (0, 1));
+        // The old process's exit is stale.
+        assert!(s.failed(g1, "killed".into(), t1).is_empty());
+        // The new binary failing to start is restarted at once (the run
+        // before the upgrade was stable), then backs off.
+        let g3 = gen(&s.failed(g2, "no good".into(), t1));
+        assert!(matches!(
+            s.failed(g3, "no good".into(), t1).as_slice(),
+            [Action::ArmTimer(_)]
+        ));
+        assert_eq!(s.state(), TunnelState::Restarting);
+        assert!(s.upgrade(t1).is_empty());
+        // Not wanted: no upgrade either.
+        let mut s = Supervisor::new(t0);
+        let g = gen(&s.want(true, t0));
+        s.started(g, t0);
+        s.want(false, t0);
+        assert!(s.upgrade(t0).is_empty());
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //!        VANE_TUNNEL=target/release/vane-tunnel \
 //!        cargo run --release -p vane-e2e --example gap -- 50
 //!
+//! `GAP_KINDS=tunnel-killed,tunnel-replaced,vaned-killed,vaned-handover,both-killed`
+//! runs only those kinds, `GAP_VERBOSE` prints every cycle's gap and `GAP_LOG`
+//! vaned's log (with the tunnel's) at the end.
+//!
 //! Kinds: the tunnel process SIGKILLed; its binary replaced on disk and
 //! the old process SIGKILLed; vaned SIGKILLed and started again; vaned
 //! handing over (SIGUSR2) and started again; vaned and the tunnel killed
@@ -50,6 +54,16 @@ enum Kind {
 }
 
 impl Kind {
+    fn short(self) -> &'static str {
+        match self {
+            Kind::TunnelKilled => "tunnel-killed",
+            Kind::TunnelReplaced => "tunnel-replaced",
+            Kind::VanedKilled => "vaned-killed",
+            Kind::VanedHandover => "vaned-handover",
+            Kind::BothKilled => "both-killed",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Kind::TunnelKilled => "tunnel killed (SIGKILL)",
@@ -154,7 +168,12 @@ fn main() -> Result<()> {
         Kind::TunnelReplaced,
         Kind::BothKilled,
     ];
+    // GAP_KINDS=tunnel-killed,tunnel-replaced,... picks kinds (all by default).
+    let only = std::env::var("GAP_KINDS").unwrap_or_default();
     for kind in kinds {
+        if !only.is_empty() && !only.split(',').any(|k| k == kind.short()) {
+            continue;
+        }
         let mut gaps = Vec::new();
         let mut recovered = 0;
         let mut handshakes = 0;
@@ -178,6 +197,13 @@ fn main() -> Result<()> {
             }
             take();
             let t0 = Instant::now();
+            if std::env::var_os("GAP_LOG").is_some() {
+                // On the logs' clock, to find the cycle in them.
+                let wall = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                println!("{}: replacement at {:.6}", kind.short(), wall.as_secs_f64());
+            }
             let ok = match kind {
                 Kind::TunnelKilled => {
                     kill(old, Signal::SIGKILL);
@@ -256,5 +282,8 @@ fn main() -> Result<()> {
         }
     }
     stop.store(true, Ordering::Relaxed);
+    if std::env::var_os("GAP_LOG").is_some() {
+        println!("vaned log:\n{}", vaned.proc_.log());
+    }
     Ok(())
 }

@@ -120,18 +120,38 @@ fn kill_tunnel(s: &mut Setup) {
     s.stream.wait_flowing(FLOWING, UP).unwrap();
 }
 
-/// (b) The binary replaced on disk (a new file renamed over it, as dpkg
-/// does), then the old process killed: the new binary runs.
+/// Puts `source` at `path` as dpkg does: written to a new file, synced,
+/// renamed over the old one. Returns the new file's inode.
+fn install(source: &std::path::Path, path: &std::path::Path) -> u64 {
+    let tmp = path.with_extension("dpkg-new");
+    std::fs::copy(source, &tmp).unwrap();
+    std::fs::File::open(&tmp).unwrap().sync_all().unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+    std::fs::metadata(path).unwrap().ino()
+}
+
+/// The executable's inode of process `pid`.
+fn exe_inode(pid: u32) -> u64 {
+    std::fs::metadata(format!("/proc/{pid}/exe")).unwrap().ino()
+}
+
+/// (b) A new binary renamed over the old one on disk (an upgrade): vaned
+/// notices by itself and moves the tunnel to it, no kill, no command.
 fn replace_binary(s: &mut Setup) {
-    let tmp = s.binary.with_extension("new");
-    std::fs::copy(vane_e2e::vane_tunnel_bin(), &tmp).unwrap();
-    std::fs::rename(&tmp, &s.binary).unwrap();
-    let inode = std::fs::metadata(&s.binary).unwrap().ino();
     let old = s.vaned.tunnel_pid().unwrap();
-    signal(old, Signal::SIGKILL);
+    let before = s.vaned.status().unwrap();
+    let inode = install(&vane_e2e::vane_tunnel_bin(), &s.binary);
     let new = wait_new_tunnel(&s.vaned, old);
-    let exe = std::fs::metadata(format!("/proc/{new}/exe")).unwrap();
-    assert_eq!(exe.ino(), inode, "the new process runs the new binary");
+    assert_eq!(exe_inode(new), inode, "the new process runs the new binary");
+    let after = s.vaned.status().unwrap();
+    assert_eq!(
+        after["tunnel"]["upgrades"].as_u64().unwrap(),
+        before["tunnel"]["upgrades"].as_u64().unwrap() + 1,
+        "{after:#}"
+    );
+    // Not a failure: nothing counted as a restart.
+    assert_eq!(after["tunnel"]["restarts"], before["tunnel"]["restarts"]);
+    assert!(after["tunnel"]["binary_error"].is_null(), "{after:#}");
     s.stream.wait_flowing(FLOWING, UP).unwrap();
 }
 
@@ -218,11 +238,85 @@ fn a_killed_tunnel_is_restarted_under_a_stream() {
 }
 
 #[test]
-fn a_tunnel_binary_replaced_on_disk_runs_next() {
+fn a_tunnel_binary_replaced_on_disk_takes_over_by_itself() {
     let mut s = setup(7102);
     for _ in 0..ROUNDS {
         replace_binary(&mut s);
     }
+    // The binary upgraded to is supervised like any: killed, restarted.
+    kill_tunnel(&mut s);
+    finish(s);
+}
+
+/// A new binary that does not run (truncated, not vane-tunnel, failing)
+/// is not moved to: the running tunnel stays, untouched, the status says
+/// why; a good one afterwards is taken, and the complaint goes.
+#[test]
+fn a_new_binary_that_does_not_run_leaves_the_tunnel_as_it_is() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut s = setup(7106);
+    let tunnel = s.vaned.tunnel_pid().unwrap();
+    let handshake = server_handshake(&s.lab);
+    let bad = s.lab.dir.path().join("bad");
+    let cases: [(&[u8], &str); 3] = [
+        (
+            b"#!/bin/sh\necho 'vane-tunnel: cannot start' >&2\nexit 1\n",
+            "failed",
+        ),
+        (b"#!/bin/sh\necho 'wireguard-go v1'\n", "is not vane-tunnel"),
+        // Half an ELF file: exec refuses it.
+        // (exec refuses it; execvp then hands it to sh, which fails).
+        (b"\x7fELF\x02\x01\x01", "--version failed"),
+    ];
+    for (contents, why) in cases {
+        std::fs::write(&bad, contents).unwrap();
+        std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o755)).unwrap();
+        install(&bad, &s.binary);
+        wait_until(UP, "the refusal in the status", || {
+            s.vaned.status().is_ok_and(|st| {
+                st["tunnel"]["binary_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains(why))
+            })
+        })
+        .unwrap_or_else(|e| panic!("{e}\nvaned log:\n{}", s.vaned.proc_.log()));
+        let st = s.vaned.status().unwrap();
+        assert_eq!(st["tunnel"]["state"], "up");
+        assert_eq!(st["tunnel"]["pid"].as_u64(), Some(u64::from(tunnel)));
+        assert_eq!(st["tunnel"]["upgrades"], 0);
+        s.stream.wait_flowing(FLOWING, UP).unwrap();
+    }
+    assert_eq!(server_handshake(&s.lab), handshake, "the session was kept");
+    let human = String::from_utf8_lossy(&s.vaned.ctl(&["status"]).stdout).into_owned();
+    assert!(human.contains("new binary refused"), "{human}");
+    // A good binary now: taken, the complaint cleared.
+    replace_binary(&mut s);
+    finish(s);
+}
+
+/// A package upgrade: the binaries are replaced while vaned hands over;
+/// the new vaned adopts the tunnel (no gap there) and, as the tunnel runs
+/// the old binary, moves it to the new one.
+#[test]
+fn an_upgrade_across_a_handover_moves_the_adopted_tunnel_to_the_new_binary() {
+    let mut s = setup(7107);
+    let tunnel = s.vaned.tunnel_pid().unwrap();
+    s.vaned.proc_.owned.clear();
+    let status = s.vaned.proc_.stop(Signal::SIGUSR2).unwrap();
+    assert_eq!(status.code(), Some(75), "a handover exits 75");
+    let inode = install(&vane_e2e::vane_tunnel_bin(), &s.binary);
+    s.vaned = s.lab.start_vaned_bin(&s.binary, &[]).unwrap();
+    let new = wait_new_tunnel(&s.vaned, tunnel);
+    assert_eq!(exe_inode(new), inode, "the new process runs the new binary");
+    let st = s.vaned.status().unwrap();
+    assert_eq!(st["tunnel"]["upgrades"], 1, "{st:#}");
+    assert_eq!(st["tunnel"]["restarts"], 0, "{st:#}");
+    assert!(
+        s.vaned.proc_.log().contains("adopted the running tunnel"),
+        "{}",
+        s.vaned.proc_.log()
+    );
+    s.stream.wait_flowing(FLOWING, UP).unwrap();
     finish(s);
 }
 

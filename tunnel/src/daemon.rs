@@ -24,6 +24,29 @@ pub enum Role {
 pub struct Ready(File);
 
 impl Ready {
+    /// The write end of a readiness pipe inherited as descriptor `fd`
+    /// (`--ready-fd`), checked to be a pipe so a wrong number fails clearly.
+    pub fn inherited(fd: i32) -> std::io::Result<Ready> {
+        use std::os::fd::{BorrowedFd, FromRawFd};
+        // SAFETY: only borrowed for the check; a closed descriptor makes
+        // fstat fail (EBADF), which is reported.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let stat = nix::sys::stat::fstat(borrowed)?;
+        if stat.st_mode & libc::S_IFMT != libc::S_IFIFO {
+            return Err(std::io::Error::other(format!(
+                "descriptor {fd} is not a pipe"
+            )));
+        }
+        // SAFETY: the descriptor was inherited for this purpose and nothing
+        // else in the process owns it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        nix::fcntl::fcntl(
+            &owned,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )?;
+        Ok(Ready(File::from(owned)))
+    }
+
     pub fn ok(mut self) {
         let _ = self.0.write_all(b"\0");
     }

@@ -58,6 +58,12 @@ struct Args {
     #[arg(long, value_name = "FD", value_parser = clap::value_parser!(i32).range(3..))]
     udp_fd: Option<i32>,
 
+    /// With --foreground: write one NUL byte to this inherited pipe once
+    /// the device is attached and the userspace API socket listens, or the
+    /// reason it could not start (vaned waits on it instead of polling).
+    #[arg(long, value_name = "FD", requires = "foreground", value_parser = clap::value_parser!(i32).range(3..))]
+    ready_fd: Option<i32>,
+
     /// The interface to create.
     #[arg(value_name = "IFNAME")]
     interface: String,
@@ -85,7 +91,13 @@ fn main() -> ExitCode {
     // Detach before any thread exists (fork and threads do not mix); the
     // parent waits until the child reports the interface ready or failed.
     let ready = if args.foreground {
-        None
+        match args.ready_fd.map(daemon::Ready::inherited).transpose() {
+            Ok(ready) => ready,
+            Err(e) => {
+                eprintln!("vane-tunnel: --ready-fd: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
     } else {
         match daemon::detach() {
             Ok(daemon::Role::Parent(code)) => return code,
