@@ -364,13 +364,16 @@ impl Worker {
     }
 
     async fn start(&mut self, generation: u64) -> anyhow::Result<u32> {
-        // The old process's executable is let go once the new one runs
-        // (see Running::exe), off this task: freeing a replaced binary
-        // takes milliseconds.
+        // The old process's executable is let go a while after the new one
+        // runs (see Running::exe), off this task: freeing a replaced binary
+        // takes milliseconds, better spent after the new handshake.
         let old_exe = self.running.as_mut().and_then(|r| r.exe.take());
         let started = self.start_process(generation).await;
         if let Some(exe) = old_exe {
-            tokio::task::spawn_blocking(move || drop(exe));
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = tokio::task::spawn_blocking(move || drop(exe)).await;
+            });
         }
         started
     }

@@ -14,8 +14,11 @@
 //! runs only those kinds, `GAP_VERBOSE` prints every cycle's gap and `GAP_LOG`
 //! vaned's log (with the tunnel's) at the end.
 //!
-//! Kinds: the tunnel process SIGKILLed; its binary replaced on disk and
-//! the old process SIGKILLed; vaned SIGKILLed and started again; vaned
+//! Kinds: the tunnel process SIGKILLed; a new binary renamed over its
+//! binary on disk (vaned moves the tunnel to it by itself); a package
+//! upgrade (vaned hands over, the new binary goes on disk, vaned starts
+//! again, adopts the tunnel and moves it to the new binary); vaned
+//! SIGKILLed and started again; vaned
 //! handing over (SIGUSR2) and started again; vaned and the tunnel killed
 //! together and vaned started again. For the vaned kinds it also counts
 //! cycles that caused a new handshake (there should be none).
@@ -40,6 +43,8 @@ const RECOVERY: Duration = Duration::from_secs(10);
 /// The supervisor's stable run (daemon/src/supervisor.rs STABLE) and a
 /// margin.
 const SPACING: Duration = Duration::from_millis(5_300);
+/// Between upgrades (which are not failures).
+const SETTLE: Duration = Duration::from_millis(1_000);
 
 const RULES: &str = "[on_demand]\nenabled = true\n\n\
 [[on_demand.rule]]\naction = \"connect\"\ninterface = \"ethernet\"\n";
@@ -48,6 +53,7 @@ const RULES: &str = "[on_demand]\nenabled = true\n\n\
 enum Kind {
     TunnelKilled,
     TunnelReplaced,
+    Upgrade,
     VanedKilled,
     VanedHandover,
     BothKilled,
@@ -58,6 +64,7 @@ impl Kind {
         match self {
             Kind::TunnelKilled => "tunnel-killed",
             Kind::TunnelReplaced => "tunnel-replaced",
+            Kind::Upgrade => "upgrade",
             Kind::VanedKilled => "vaned-killed",
             Kind::VanedHandover => "vaned-handover",
             Kind::BothKilled => "both-killed",
@@ -67,7 +74,8 @@ impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::TunnelKilled => "tunnel killed (SIGKILL)",
-            Kind::TunnelReplaced => "tunnel binary replaced + old killed",
+            Kind::TunnelReplaced => "tunnel binary replaced on disk (vaned moves the tunnel)",
+            Kind::Upgrade => "upgrade: vaned handover + new binary + vaned restarted",
             Kind::VanedKilled => "vaned killed + restarted (adopts)",
             Kind::VanedHandover => "vaned handover (SIGUSR2) + restarted",
             Kind::BothKilled => "vaned and tunnel killed + vaned restarted",
@@ -101,6 +109,23 @@ fn new_tunnel(vaned: &Vaned, old: u32) -> bool {
                     .is_some_and(|p| p != u64::from(old))
         })
     })
+}
+
+/// Puts a new copy of vane-tunnel at `path` as dpkg does (written,
+/// synced, renamed over the old one); returns its inode.
+fn install(path: &Path) -> Result<u64> {
+    let tmp = path.with_extension("dpkg-new");
+    std::fs::copy(vane_e2e::vane_tunnel_bin(), &tmp)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(std::fs::metadata(path)?.ino())
+}
+
+/// Whether the tunnel vaned reports runs the file with this inode.
+fn runs(vaned: &Vaned, inode: u64) -> bool {
+    vaned
+        .tunnel_pid()
+        .is_ok_and(|p| std::fs::metadata(format!("/proc/{p}/exe")).is_ok_and(|m| m.ino() == inode))
 }
 
 fn restart_vaned(lab: &Lab, vaned: &mut Vaned, binary: &Path, sig: Signal) -> Result<()> {
@@ -166,6 +191,7 @@ fn main() -> Result<()> {
         Kind::VanedHandover,
         Kind::TunnelKilled,
         Kind::TunnelReplaced,
+        Kind::Upgrade,
         Kind::BothKilled,
     ];
     // GAP_KINDS=tunnel-killed,tunnel-replaced,... picks kinds (all by default).
@@ -178,23 +204,15 @@ fn main() -> Result<()> {
         let mut recovered = 0;
         let mut handshakes = 0;
         for _ in 0..n {
-            if matches!(
-                kind,
-                Kind::TunnelKilled | Kind::TunnelReplaced | Kind::BothKilled
-            ) {
-                std::thread::sleep(SPACING);
+            match kind {
+                Kind::TunnelKilled | Kind::BothKilled => std::thread::sleep(SPACING),
+                // Not failures: no stable run needed, only a moment of
+                // steady traffic.
+                Kind::TunnelReplaced | Kind::Upgrade => std::thread::sleep(SETTLE),
+                Kind::VanedKilled | Kind::VanedHandover => {}
             }
             let old = vaned.tunnel_pid()?;
             let hs = handshake(&lab);
-            // A new binary goes on disk first (as dpkg puts it there while
-            // the old process runs); the kill is what is measured.
-            let mut inode = 0;
-            if kind == Kind::TunnelReplaced {
-                let tmp = binary.with_extension("new");
-                std::fs::copy(vane_e2e::vane_tunnel_bin(), &tmp)?;
-                std::fs::rename(&tmp, &binary)?;
-                inode = std::fs::metadata(&binary)?.ino();
-            }
             take();
             let t0 = Instant::now();
             if std::env::var_os("GAP_LOG").is_some() {
@@ -210,10 +228,18 @@ fn main() -> Result<()> {
                     new_tunnel(&vaned, old)
                 }
                 Kind::TunnelReplaced => {
-                    kill(old, Signal::SIGKILL);
-                    new_tunnel(&vaned, old)
-                        && std::fs::metadata(format!("/proc/{}/exe", vaned.tunnel_pid()?))
-                            .is_ok_and(|m| m.ino() == inode)
+                    let inode = install(&binary)?;
+                    new_tunnel(&vaned, old) && runs(&vaned, inode)
+                }
+                Kind::Upgrade => {
+                    // As the package does: the new binaries on disk, then
+                    // vaned hands over and the new one starts (which finds
+                    // the tunnel on the old binary and moves it).
+                    vaned.proc_.owned.clear();
+                    vaned.proc_.stop(Signal::SIGUSR2)?;
+                    let inode = install(&binary)?;
+                    vaned = lab.start_vaned_bin(&binary, &[])?;
+                    new_tunnel(&vaned, old) && runs(&vaned, inode)
                 }
                 Kind::VanedKilled | Kind::VanedHandover => {
                     let sig = if kind == Kind::VanedKilled {
