@@ -14,6 +14,7 @@ use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -28,6 +29,12 @@ use crate::routing::{self, FullTunnel, Rule};
 use crate::rtnl;
 use crate::supervisor::Action;
 use crate::uapi_client;
+
+/// A started process's phase (shared by the start and its watcher): who
+/// reports its exit.
+const STARTING: u8 = 0;
+const LIVE: u8 = 1;
+const EXITED_STARTING: u8 = 2;
 
 /// The descriptor number the UDP socket has in the tunnel process.
 const UDP_FD: i32 = 3;
@@ -102,6 +109,17 @@ struct Running {
     exe: Option<std::fs::File>,
 }
 
+/// A file's identity: device and inode.
+fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+fn file_id_of(file: &std::fs::File) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    file.metadata().ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// Opens the executable a process runs (the very file, even when a new
 /// one has been renamed over its path since).
 fn open_exe(pid: u32) -> Option<std::fs::File> {
@@ -133,6 +151,10 @@ pub struct Worker {
     stale_shield: bool,
     /// The tunnel's DNS, and the observer's view of the network's DNS.
     dns: Option<TunnelDnsShell>,
+    /// The binary on disk (device, inode) that failed to start when the
+    /// previous one could, and why: later starts go to the previous one
+    /// while it is still the file there.
+    bad_binary: Option<((u64, u64), String)>,
 }
 
 /// What the worker needs to apply the tunnel's DNS.
@@ -161,6 +183,7 @@ impl Worker {
             shield: None,
             stale_shield: false,
             dns: None,
+            bad_binary: None,
         }
     }
 
@@ -343,7 +366,14 @@ impl Worker {
         match action {
             Action::Start { generation } => {
                 let report = match self.start(generation).await {
-                    Ok(pid) => Report::Started { generation, pid },
+                    Ok((pid, fallback)) => {
+                        let _ = self.reports.send(Report::Started { generation, pid });
+                        match fallback {
+                            // After Started, which clears a refusal.
+                            Some(why) => Report::BinaryChecked { pid, new: Err(why) },
+                            None => return,
+                        }
+                    }
                     Err(e) => {
                         warn!(interface = %self.plan.ifname, "tunnel start failed: {e:#}");
                         self.kill().await;
@@ -363,22 +393,60 @@ impl Worker {
         }
     }
 
-    async fn start(&mut self, generation: u64) -> anyhow::Result<u32> {
+    /// Starts the tunnel process of `generation`; returns its pid, and why
+    /// it runs the previous binary rather than the one on disk, if so.
+    async fn start(&mut self, generation: u64) -> anyhow::Result<(u32, Option<String>)> {
         // The old process's executable is let go a while after the new one
         // runs (see Running::exe), off this task: freeing a replaced binary
         // takes milliseconds, better spent after the new handshake.
         let old_exe = self.running.as_mut().and_then(|r| r.exe.take());
-        let started = self.start_process(generation).await;
+        let on_disk = file_id(&self.plan.binary);
+        let known_bad = self
+            .bad_binary
+            .as_ref()
+            .filter(|(id, _)| Some(*id) == on_disk);
+        let mut fallback = None;
+        let mut started = match (known_bad, &old_exe) {
+            // It failed before: straight to the previous binary.
+            (Some((_, why)), Some(exe)) => {
+                fallback = Some(why.clone());
+                self.start_process(generation, Some(exe)).await
+            }
+            _ => self.start_process(generation, None).await,
+        };
+        if let (Err(e), Some(exe), None) = (&started, &old_exe, &fallback) {
+            // The binary on disk does not start (a bad upgrade that got
+            // past `--version`): the one that ran before still can, from
+            // the file held open. A tunnel that was up stays up.
+            if on_disk.is_some() && file_id_of(exe) != on_disk {
+                warn!(interface = %self.plan.ifname, "the tunnel binary on disk did not start ({e:#}); starting the previous one");
+                let why = format!(
+                    "{} did not start: {e:#}; the previous binary runs",
+                    self.plan.binary.display()
+                );
+                if let Some(id) = on_disk {
+                    self.bad_binary = Some((id, why.clone()));
+                }
+                started = self.start_process(generation, Some(exe)).await;
+                fallback = Some(why);
+            }
+        }
         if let Some(exe) = old_exe {
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let _ = tokio::task::spawn_blocking(move || drop(exe)).await;
             });
         }
-        started
+        started.map(|pid| (pid, fallback))
     }
 
-    async fn start_process(&mut self, generation: u64) -> anyhow::Result<u32> {
+    /// Starts a tunnel process from the binary on disk, or from `exe` (a
+    /// file held open) when given.
+    async fn start_process(
+        &mut self,
+        generation: u64,
+        exe: Option<&std::fs::File>,
+    ) -> anyhow::Result<u32> {
         use anyhow::Context as _;
         // A process of an older generation (it failed) must be gone first.
         self.kill().await;
@@ -399,14 +467,20 @@ impl Worker {
             }
         };
         let port = socket.local_addr()?.port();
-        let (child, ready) = spawn(&self.plan, socket).context("cannot start vane-tunnel")?;
+        let (child, ready) = spawn(&self.plan, socket, exe).context("cannot start vane-tunnel")?;
         let pid = child.id().unwrap_or(0);
         info!(interface = %self.plan.ifname, pid, generation, ifindex = index, "tunnel process started");
         let (expect_tx, expect_rx) = oneshot::channel();
         let (exited_tx, exited_rx) = watch::channel(false);
         let reports = self.reports.clone();
+        let phase = std::sync::Arc::new(AtomicU8::new(STARTING));
         tokio::spawn(watch_child(
-            child, generation, expect_rx, exited_tx, reports,
+            child,
+            generation,
+            expect_rx,
+            exited_tx,
+            reports,
+            std::sync::Arc::clone(&phase),
         ));
         self.running = Some(Running {
             pid,
@@ -422,6 +496,15 @@ impl Worker {
         uapi_client::set(&path, &config)
             .await
             .context("configuring the tunnel")?;
+        // From here its exit is the watcher's to report; before, this
+        // start reports it (as a failed start, which may be retried with
+        // the previous binary). Exactly one of the two wins the exchange.
+        if phase
+            .compare_exchange(STARTING, LIVE, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            anyhow::bail!("vane-tunnel exited while starting");
+        }
         if let Err(e) = self.apply_dns(index).await {
             // A full tunnel without its DNS would send every name to the
             // network's resolver: fail (the kill switch holds, the
@@ -628,8 +711,11 @@ impl Worker {
                 return;
             }
         };
-        let new = if (on_disk.dev(), on_disk.ino()) == (running_file.dev(), running_file.ino()) {
+        let id = (on_disk.dev(), on_disk.ino());
+        let new = if id == (running_file.dev(), running_file.ino()) {
             Ok(false)
+        } else if let Some((_, why)) = self.bad_binary.as_ref().filter(|(bad, _)| *bad == id) {
+            Err(why.clone())
         } else {
             match preflight(&self.plan.binary).await {
                 Ok(()) => Ok(true),
@@ -678,7 +764,11 @@ impl Worker {
 /// readiness pipe as 4, and no capabilities: the bounding set emptied,
 /// SECBIT_NOROOT so uid 0 gains none at exec, and no_new_privs. Returns the
 /// child and the pipe's read end.
-fn spawn(plan: &Plan, socket: &UdpSocket) -> io::Result<(Child, OwnedFd)> {
+fn spawn(
+    plan: &Plan,
+    socket: &UdpSocket,
+    exe: Option<&std::fs::File>,
+) -> io::Result<(Child, OwnedFd)> {
     // Copies numbered above the targets, so that neither dup2 below can
     // overwrite the other's source (close-on-exec: only the dup2 copies
     // reach the tunnel).
@@ -695,7 +785,17 @@ fn spawn(plan: &Plan, socket: &UdpSocket) -> io::Result<(Child, OwnedFd)> {
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let ready = above(&write_end)?;
     drop(write_end);
-    let mut cmd = Command::new(&plan.binary);
+    let mut cmd = match exe {
+        // The kernel opens the path at exec, before close-on-exec
+        // descriptors close; argv[0] stays the binary's path, as adoption
+        // checks it.
+        Some(f) => {
+            let mut c = Command::new(format!("/proc/self/fd/{}", f.as_raw_fd()));
+            c.arg0(&plan.binary);
+            c
+        }
+        None => Command::new(&plan.binary),
+    };
     cmd.arg("--foreground")
         .arg(&plan.ifname)
         .arg("--attach")
@@ -837,10 +937,24 @@ async fn watch_child(
     mut expected: oneshot::Receiver<()>,
     exited: watch::Sender<bool>,
     reports: mpsc::UnboundedSender<Report>,
+    phase: std::sync::Arc<AtomicU8>,
 ) {
     let status = child.wait().await;
     exited.send_replace(true);
     if expected.try_recv().is_ok() {
+        return;
+    }
+    if phase
+        .compare_exchange(
+            STARTING,
+            EXITED_STARTING,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
+        .is_ok()
+    {
+        // Still starting: the start reports it.
+        debug!(generation, "vane-tunnel exited while starting: {status:?}");
         return;
     }
     let error = match status {

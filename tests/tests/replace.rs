@@ -294,6 +294,41 @@ fn a_new_binary_that_does_not_run_leaves_the_tunnel_as_it_is() {
     finish(s);
 }
 
+/// A new binary that passes `--version` but cannot run a tunnel: the
+/// move to it fails, and the previous binary (held open by vaned, gone
+/// from disk) takes over at once; later restarts go straight to it; a good
+/// binary afterwards is taken.
+#[test]
+fn a_new_binary_that_fails_to_start_falls_back_to_the_previous_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut s = setup(7108);
+    let original = exe_inode(s.vaned.tunnel_pid().unwrap());
+    let bad = s.lab.dir.path().join("bad");
+    std::fs::write(
+        &bad,
+        "#!/bin/sh\n[ \"$1\" = --version ] && { echo 'vane-tunnel 9.9.9'; exit 0; }\n\
+         echo 'vane-tunnel: a broken build' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let old = s.vaned.tunnel_pid().unwrap();
+    install(&bad, &s.binary);
+    let fallback = wait_new_tunnel(&s.vaned, old);
+    assert_eq!(exe_inode(fallback), original, "the previous binary runs");
+    let st = s.vaned.status().unwrap();
+    let why = st["tunnel"]["binary_error"].as_str().unwrap_or_default();
+    assert!(why.contains("did not start"), "{st:#}");
+    s.stream.wait_flowing(FLOWING, UP).unwrap();
+    // A crash now: restarted from the previous binary again, at once.
+    signal(fallback, Signal::SIGKILL);
+    let again = wait_new_tunnel(&s.vaned, fallback);
+    assert_eq!(exe_inode(again), original);
+    assert!(!s.vaned.status().unwrap()["tunnel"]["binary_error"].is_null());
+    s.stream.wait_flowing(FLOWING, UP).unwrap();
+    replace_binary(&mut s);
+    finish(s);
+}
+
 /// A package upgrade: the binaries are replaced while vaned hands over;
 /// the new vaned adopts the tunnel (no gap there) and, as the tunnel runs
 /// the old binary, moves it to the new one.
