@@ -10,11 +10,12 @@
 //!        VANE_TUNNEL=target/release/vane-tunnel \
 //!        cargo run --release -p vane-e2e --example gap -- 50
 //!
-//! `GAP_KINDS=tunnel-killed,tunnel-replaced,vaned-killed,vaned-handover,both-killed`
+//! `GAP_KINDS=idle,tunnel-killed,tunnel-replaced,upgrade,vaned-killed,vaned-handover,both-killed`
 //! runs only those kinds, `GAP_VERBOSE` prints every cycle's gap and `GAP_LOG`
 //! vaned's log (with the tunnel's) at the end.
 //!
-//! Kinds: the tunnel process SIGKILLed; a new binary renamed over its
+//! Kinds: idle (nothing replaced: the noise floor of the machine for
+//! the same measurement); the tunnel process SIGKILLed; a new binary renamed over its
 //! binary on disk (vaned moves the tunnel to it by itself); a package
 //! upgrade (vaned hands over, the new binary goes on disk, vaned starts
 //! again, adopts the tunnel and moves it to the new binary); vaned
@@ -51,6 +52,9 @@ const RULES: &str = "[on_demand]\nenabled = true\n\n\
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
+    /// Nothing replaced: the machine's own noise floor for the same
+    /// measurement (a shared 2-core machine has gaps of its own).
+    Idle,
     TunnelKilled,
     TunnelReplaced,
     Upgrade,
@@ -62,6 +66,7 @@ enum Kind {
 impl Kind {
     fn short(self) -> &'static str {
         match self {
+            Kind::Idle => "idle",
             Kind::TunnelKilled => "tunnel-killed",
             Kind::TunnelReplaced => "tunnel-replaced",
             Kind::Upgrade => "upgrade",
@@ -73,6 +78,7 @@ impl Kind {
 
     fn name(self) -> &'static str {
         match self {
+            Kind::Idle => "idle baseline (nothing replaced, 300 ms)",
             Kind::TunnelKilled => "tunnel killed (SIGKILL)",
             Kind::TunnelReplaced => "tunnel binary replaced on disk (vaned moves the tunnel)",
             Kind::Upgrade => "upgrade: vaned handover + new binary + vaned restarted",
@@ -187,6 +193,7 @@ fn main() -> Result<()> {
     });
     let take = || std::mem::take(&mut *arrivals.lock().unwrap());
     let kinds = [
+        Kind::Idle,
         Kind::VanedKilled,
         Kind::VanedHandover,
         Kind::TunnelKilled,
@@ -209,7 +216,7 @@ fn main() -> Result<()> {
                 // Not failures: no stable run needed, only a moment of
                 // steady traffic.
                 Kind::TunnelReplaced | Kind::Upgrade => std::thread::sleep(SETTLE),
-                Kind::VanedKilled | Kind::VanedHandover => {}
+                Kind::Idle | Kind::VanedKilled | Kind::VanedHandover => {}
             }
             let old = vaned.tunnel_pid()?;
             let hs = handshake(&lab);
@@ -223,6 +230,10 @@ fn main() -> Result<()> {
                 println!("{}: replacement at {:.6}", kind.short(), wall.as_secs_f64());
             }
             let ok = match kind {
+                Kind::Idle => {
+                    std::thread::sleep(Duration::from_millis(300));
+                    true
+                }
                 Kind::TunnelKilled => {
                     kill(old, Signal::SIGKILL);
                     new_tunnel(&vaned, old)
