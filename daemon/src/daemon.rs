@@ -168,12 +168,25 @@ pub async fn run(options: Options) -> Result<Exit> {
 
     // A tunnel process and device left behind by a vaned that crashed:
     // they go, and the rules decide afresh.
+    // A device whose tunnel is gone too (both were killed, or both
+    // replaced by an upgrade) is re-attached when it is as the plan makes
+    // it: its addresses and routes stay, the next start attaches a new
+    // tunnel to it by name. Otherwise it goes.
+    let mut leftover_device = false;
     if adoptable.is_none() {
         crate::tunnel::stop_orphan(&plan.ifname).await;
         if let Some(index) = crate::rtnl::link_index(&plan.ifname) {
-            warn!(interface = %plan.ifname, "removing the interface left by an earlier run");
-            if let Err(e) = crate::rtnl::delete_link(index) {
-                warn!("cannot remove it: {e}");
+            match crate::tunnel::reusable_device(&plan) {
+                Ok(()) => {
+                    info!(interface = %plan.ifname, "re-attaching to the interface left by an earlier run");
+                    leftover_device = true;
+                }
+                Err(why) => {
+                    warn!(interface = %plan.ifname, "removing the interface left by an earlier run ({why})");
+                    if let Err(e) = crate::rtnl::delete_link(index) {
+                        warn!("cannot remove it: {e}");
+                    }
+                }
             }
         }
         crate::tunnel::remove_stale_rules();
@@ -320,6 +333,15 @@ pub async fn run(options: Options) -> Result<Exit> {
     }
     d.follow_locals();
     d.evaluate();
+    if leftover_device && d.supervisor.state() == TunnelState::Down {
+        // The rules say down: the device kept for a start goes.
+        if let Some(index) = crate::rtnl::link_index(&d.plan.ifname) {
+            info!(interface = %d.plan.ifname, "removing the interface left by an earlier run (the tunnel is not wanted)");
+            if let Err(e) = crate::rtnl::delete_link(index) {
+                warn!("cannot remove it: {e}");
+            }
+        }
+    }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     info!("vaned ready");
 
