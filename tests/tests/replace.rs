@@ -272,7 +272,7 @@ fn a_tunnel_binary_replaced_on_disk_takes_over_by_itself() {
 #[test]
 fn a_new_binary_that_does_not_run_leaves_the_tunnel_as_it_is() {
     use std::os::unix::fs::PermissionsExt;
-    let mut s = setup(7106);
+    let mut s = setup(7109);
     let tunnel = s.vaned.tunnel_pid().unwrap();
     let handshake = server_handshake(&s.lab);
     let bad = s.lab.dir.path().join("bad");
