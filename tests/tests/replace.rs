@@ -130,6 +130,13 @@ fn install(source: &std::path::Path, path: &std::path::Path) -> u64 {
     std::fs::metadata(path).unwrap().ino()
 }
 
+/// Writes an executable file (a stand-in for a bad binary).
+fn write_executable(path: &std::path::Path, contents: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
 /// The executable's inode of process `pid`.
 fn exe_inode(pid: u32) -> u64 {
     std::fs::metadata(format!("/proc/{pid}/exe")).unwrap().ino()
@@ -271,7 +278,6 @@ fn a_tunnel_binary_replaced_on_disk_takes_over_by_itself() {
 /// why; a good one afterwards is taken, and the complaint goes.
 #[test]
 fn a_new_binary_that_does_not_run_leaves_the_tunnel_as_it_is() {
-    use std::os::unix::fs::PermissionsExt;
     let mut s = setup(7109);
     let tunnel = s.vaned.tunnel_pid().unwrap();
     let handshake = server_handshake(&s.lab);
@@ -287,8 +293,7 @@ fn a_new_binary_that_does_not_run_leaves_the_tunnel_as_it_is() {
         (b"\x7fELF\x02\x01\x01", "--version failed"),
     ];
     for (contents, why) in cases {
-        std::fs::write(&bad, contents).unwrap();
-        std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o755)).unwrap();
+        write_executable(&bad, contents);
         install(&bad, &s.binary);
         wait_until(UP, "the refusal in the status", || {
             s.vaned.status().is_ok_and(|st| {
@@ -318,17 +323,14 @@ fn a_new_binary_that_does_not_run_leaves_the_tunnel_as_it_is() {
 /// binary afterwards is taken.
 #[test]
 fn a_new_binary_that_fails_to_start_falls_back_to_the_previous_one() {
-    use std::os::unix::fs::PermissionsExt;
     let mut s = setup(7108);
     let original = exe_inode(s.vaned.tunnel_pid().unwrap());
     let bad = s.lab.dir.path().join("bad");
-    std::fs::write(
+    write_executable(
         &bad,
-        "#!/bin/sh\n[ \"$1\" = --version ] && { echo 'vane-tunnel 9.9.9'; exit 0; }\n\
+        b"#!/bin/sh\n[ \"$1\" = --version ] && { echo 'vane-tunnel 9.9.9'; exit 0; }\n\
          echo 'vane-tunnel: a broken build' >&2\nexit 1\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let old = s.vaned.tunnel_pid().unwrap();
     install(&bad, &s.binary);
     let fallback = wait_new_tunnel(&s.vaned, old);
