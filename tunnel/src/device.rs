@@ -227,11 +227,11 @@ impl Device {
     ///
     /// Each loop has an OS thread of its own that waits in poll(2) on its
     /// descriptors, as boringtun-cli's threads wait in epoll: the thread
-    /// the kernel wakes for a packet is the one that handles it (no
-    /// wake-up handed from a reactor thread to a worker thread, which cost
-    /// a futex wake and a context switch per packet on each hop). Dropping
-    /// the future signals the threads (an eventfd in their poll sets) and
-    /// joins them.
+    /// the kernel wakes for a packet is the one that handles it, and a
+    /// lone packet costs three system calls (tokio's tasks took about
+    /// four, with a read that found nothing; docs/ARCHITECTURE.md has the
+    /// measurements). Dropping the future signals the threads (an eventfd
+    /// in their poll sets) and joins them.
     pub async fn run(self: Arc<Self>) -> io::Result<()> {
         type Body = fn(&Device, &EventFd) -> io::Result<()>;
         let stop = Arc::new(new_eventfd()?);
