@@ -1,24 +1,25 @@
 //! The device: the I/O shell that moves packets between the TUN device and
 //! the UDP socket, and applies configuration changes.
 //!
-//! Three loops run on tokio: TUN -> encapsulate -> UDP, UDP -> decapsulate ->
-//! TUN, and the timers (handshake retries, keepalives, rekeying, the rate
-//! limiter's reset). The decisions (which peer, whether a source is allowed)
+//! Three loops, each on an OS thread of its own waiting in poll(2): TUN ->
+//! encapsulate -> UDP, UDP -> decapsulate -> TUN, and the timers (handshake
+//! retries, keepalives, rekeying, the rate limiter's reset). The decisions (which peer, whether a source is allowed)
 //! are the peer table's; this module only does the reading and writing.
 
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::os::fd::AsFd;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::TunnResult;
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{debug, trace, warn};
-use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use crate::batch::{encapsulate_packets, open_datagram, Opened, SendBatch};
 use crate::model::{DeviceConfig, Key, PeerName};
@@ -90,21 +91,25 @@ struct Active {
 
 /// One WireGuard interface.
 pub struct Device {
-    tun: Arc<AsyncDevice>,
+    /// Non-blocking: the data path threads wait in poll(2), where a stop
+    /// can reach them.
+    tun: SyncDevice,
     active: Mutex<Active>,
     /// A lock-cheap copy of `active.table` for the data path.
     table: RwLock<Arc<PeerTable>>,
     socket: RwLock<Arc<Bound>>,
-    socket_changed: watch::Sender<Arc<Bound>>,
+    /// Written when `socket` is replaced: wakes the UDP thread out of
+    /// poll(2) to wait on the new socket instead.
+    socket_changed: EventFd,
     pub counters: Counters,
 }
 
 impl Device {
     /// Creates the device around an open TUN device, binds its UDP socket
     /// and applies `config`.
-    pub fn new(tun: AsyncDevice, config: DeviceConfig) -> io::Result<Arc<Device>> {
+    pub fn new(tun: SyncDevice, config: DeviceConfig) -> io::Result<Arc<Device>> {
         let socket = bind_udp(config.listen_port, config.fwmark)?;
-        Ok(Device::with_socket(tun, socket, config))
+        Device::with_socket(tun, socket, config)
     }
 
     /// Creates the device around an open TUN device and a UDP socket that
@@ -112,16 +117,21 @@ impl Device {
     /// marked). `config.listen_port` and `config.fwmark` should describe
     /// that socket, so that a `set` naming the same port and mark does not
     /// rebind.
-    pub fn with_socket(tun: AsyncDevice, socket: Bound, config: DeviceConfig) -> Arc<Device> {
+    pub fn with_socket(
+        tun: SyncDevice,
+        socket: Bound,
+        config: DeviceConfig,
+    ) -> io::Result<Arc<Device>> {
+        tun.set_nonblocking(true)?;
+        let socket_changed = new_eventfd()?;
         let socket = Arc::new(socket);
         let table = Arc::new(PeerTable::build(
             &PeerTable::default(),
             &DeviceConfig::default(),
             &config,
         ));
-        let (socket_changed, _) = watch::channel(Arc::clone(&socket));
-        Arc::new(Device {
-            tun: Arc::new(tun),
+        Ok(Arc::new(Device {
+            tun,
             active: Mutex::new(Active {
                 config,
                 table: Arc::clone(&table),
@@ -130,10 +140,10 @@ impl Device {
             socket: RwLock::new(socket),
             socket_changed,
             counters: Counters::default(),
-        })
+        }))
     }
 
-    pub fn tun(&self) -> &AsyncDevice {
+    pub fn tun(&self) -> &SyncDevice {
         &self.tun
     }
 
@@ -196,8 +206,10 @@ impl Device {
         };
         let table = Arc::new(PeerTable::build(&active.table, &active.config, &new));
         if let Some(socket) = new_socket {
-            *self.socket.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&socket);
-            self.socket_changed.send_replace(socket);
+            *self.socket.write().unwrap_or_else(|e| e.into_inner()) = socket;
+            // Cannot fail short of a counter at its maximum, which a
+            // reader drains long before.
+            let _ = self.socket_changed.write(1);
         }
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&table);
         active.table = table;
@@ -212,19 +224,45 @@ impl Device {
 
     /// Runs the data path until the returned future is dropped or an I/O
     /// error on the TUN device ends it.
+    ///
+    /// Each loop has an OS thread of its own that waits in poll(2) on its
+    /// descriptors, as boringtun-cli's threads wait in epoll: the thread
+    /// the kernel wakes for a packet is the one that handles it, and a
+    /// lone packet costs three system calls (tokio's tasks took about
+    /// four, with a read that found nothing; docs/ARCHITECTURE.md has the
+    /// measurements). Dropping the future signals the threads (an eventfd
+    /// in their poll sets) and joins them.
     pub async fn run(self: Arc<Self>) -> io::Result<()> {
-        let tun_task = tokio::spawn(Arc::clone(&self).tun_loop());
-        let udp_task = tokio::spawn(Arc::clone(&self).udp_loop());
-        let timer_task = tokio::spawn(Arc::clone(&self).timer_loop());
-        let _abort = AbortOnDrop(vec![
-            tun_task.abort_handle(),
-            udp_task.abort_handle(),
-            timer_task.abort_handle(),
-        ]);
-        tokio::select! {
-            r = tun_task => r.map_err(io::Error::other)?,
-            r = udp_task => r.map_err(io::Error::other)?,
-            r = timer_task => r.map_err(io::Error::other)?,
+        type Body = fn(&Device, &EventFd) -> io::Result<()>;
+        let stop = Arc::new(new_eventfd()?);
+        let mut threads = Threads {
+            stop: Arc::clone(&stop),
+            handles: Vec::new(),
+        };
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let loops: [(&str, Body); 3] = [
+            ("vane-tun", Device::tun_loop),
+            ("vane-udp", Device::udp_loop),
+            ("vane-timers", Device::timer_loop),
+        ];
+        for (name, body) in loops {
+            let device = Arc::clone(&self);
+            let stop = Arc::clone(&stop);
+            let done = done_tx.clone();
+            let handle = std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || {
+                    let result =
+                        std::panic::catch_unwind(AssertUnwindSafe(|| body(&device, &stop)))
+                            .unwrap_or_else(|_| Err(io::Error::other(format!("{name} panicked"))));
+                    let _ = done.send(result);
+                })?;
+            threads.handles.push(handle);
+        }
+        drop(done_tx);
+        match done_rx.recv().await {
+            Some(result) => result,
+            None => Err(io::Error::other("the data path threads ended")),
         }
     }
 
@@ -236,7 +274,7 @@ impl Device {
     /// as few `sendmsg` calls with UDP GSO as the destinations allow. A
     /// lone packet is sent as soon as it is read: nothing waits for a batch
     /// to fill.
-    async fn tun_loop(self: Arc<Self>) -> io::Result<()> {
+    fn tun_loop(&self, stop: &EventFd) -> io::Result<()> {
         let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65_535];
         // Zeroed allocations (not clones of one, which would copy and so
         // touch every page): only the pages packets touch count against
@@ -245,12 +283,22 @@ impl Device {
         let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
         let mut batch = SendBatch::new(SEND_BATCH_BYTES, 1);
         loop {
+            // Wait first, then read: a lone packet costs poll, read and
+            // sendmsg, no read that finds nothing.
+            let mut fds = [
+                PollFd::new(self.tun.as_fd(), PollFlags::POLLIN),
+                PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+            ];
+            poll_fds(&mut fds, PollTimeout::NONE)?;
+            if is_ready(&fds[1]) {
+                return Ok(());
+            }
             let n = self
                 .tun
-                .recv_multiple(&mut original, &mut packets, &mut sizes, 0)
-                .await;
+                .recv_multiple(&mut original, &mut packets, &mut sizes, 0);
             let n = match n {
                 Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) if e.raw_os_error().is_some() => return Err(e),
                 Err(e) => {
                     // A malformed offloaded packet (tun-rs's own checks,
@@ -272,11 +320,9 @@ impl Device {
                     &self.counters,
                 );
                 for (group, bytes) in batch.groups() {
-                    match bound
-                        .send(bytes, group.destination, group.segment_size())
-                        .await
-                    {
+                    match bound.send(bytes, group.destination, group.segment_size(), stop) {
                         Ok(()) => group.tag.add_tx(bytes.len()),
+                        Err(e) if is_stopped(&e) => return Ok(()),
                         Err(e) => debug!(endpoint = %group.destination, error = %e, "send failed"),
                     }
                 }
@@ -291,8 +337,7 @@ impl Device {
     /// segments the kernel coalesced (UDP GRO). The decrypted packets are
     /// written with tun-rs's GRO table, which merges consecutive TCP
     /// segments of a flow into one write of up to 64 KiB.
-    async fn udp_loop(self: Arc<Self>) -> io::Result<()> {
-        let mut changes = self.socket_changed.subscribe();
+    fn udp_loop(&self, stop: &EventFd) -> io::Result<()> {
         let mut bound = self.socket();
         let mut recv_bufs = zeroed_buffers(quinn_udp::BATCH_SIZE, 65_536);
         let mut metas = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
@@ -301,18 +346,25 @@ impl Device {
             .collect();
         let mut gro = GROTable::default();
         loop {
-            let received = tokio::select! {
-                r = bound.recv(&mut recv_bufs, &mut metas) => r,
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        return Ok(());
-                    }
-                    bound = Arc::clone(&changes.borrow_and_update());
-                    continue;
-                }
-            };
-            let count = match received {
+            let mut fds = [
+                PollFd::new(bound.socket.as_fd(), PollFlags::POLLIN),
+                PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.socket_changed.as_fd(), PollFlags::POLLIN),
+            ];
+            poll_fds(&mut fds, PollTimeout::NONE)?;
+            if is_ready(&fds[1]) {
+                return Ok(());
+            }
+            if is_ready(&fds[2]) {
+                // Drained, so the next poll waits again; the socket in
+                // force is read after, so no change is missed.
+                let _ = self.socket_changed.read();
+                bound = self.socket();
+                continue;
+            }
+            let count = match bound.recv(&mut recv_bufs, &mut metas) {
                 Ok(count) => count,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
                     // ICMP errors surface as ECONNREFUSED and the like on
                     // an unconnected UDP socket; they end nothing.
@@ -349,76 +401,107 @@ impl Device {
                         Opened::Tunnel { .. } => {
                             pending += 1;
                             if pending == out.len() {
-                                self.write_tun(&mut gro, &mut out[..pending]).await;
+                                self.write_tun(&mut gro, &mut out[..pending]);
                                 pending = 0;
                             }
                         }
                         Opened::Network(peer, sends) => {
                             for s in sends {
-                                match bound.send(&s, from, None).await {
+                                match bound.send(&s, from, None, stop) {
                                     Ok(()) => peer.add_tx(s.len()),
+                                    Err(e) if is_stopped(&e) => return Ok(()),
                                     Err(e) => debug!(%from, error = %e, "send failed"),
                                 }
                             }
                         }
-                        Opened::Cookie(cookie) => {
-                            let _ = bound.send(&cookie, from, None).await;
-                        }
+                        Opened::Cookie(cookie) => match bound.send(&cookie, from, None, stop) {
+                            Err(e) if is_stopped(&e) => return Ok(()),
+                            Err(e) => debug!(%from, error = %e, "send failed"),
+                            Ok(()) => {}
+                        },
                     }
                 }
             }
             if pending > 0 {
-                self.write_tun(&mut gro, &mut out[..pending]).await;
+                self.write_tun(&mut gro, &mut out[..pending]);
             }
         }
     }
 
-    async fn write_tun(&self, gro: &mut GROTable, packets: &mut [Vec<u8>]) {
-        if let Err(e) = self.tun.send_multiple(gro, packets, TUN_OFFSET).await {
+    /// Writes decrypted packets. The TUN device takes writes without
+    /// waiting (its send buffer is unlimited), so a non-blocking write
+    /// does not refuse for lack of room.
+    fn write_tun(&self, gro: &mut GROTable, packets: &mut [Vec<u8>]) {
+        if let Err(e) = self.tun.send_multiple(gro, packets, TUN_OFFSET) {
             debug!(error = %e, "write to TUN failed");
         }
     }
 
     /// Drives every peer's timers: handshake (re)tries, keepalives,
     /// rekeying, session expiry; and resets the handshake rate limiter.
-    async fn timer_loop(self: Arc<Self>) -> io::Result<()> {
+    fn timer_loop(&self, stop: &EventFd) -> io::Result<()> {
         let mut out = vec![0u8; BUF_LEN];
-        let mut tick = tokio::time::interval(TIMER_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next = Instant::now();
         loop {
-            tick.tick().await;
-            let table = self.table();
-            if let Some(identity) = table.identity() {
-                identity.rate_limiter.reset_count();
+            let wait = next.saturating_duration_since(Instant::now());
+            let mut fds = [PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
+            // Rounded up to whole milliseconds: rounded down, the last
+            // millisecond before a tick would be spent polling with a zero
+            // timeout.
+            let millis = wait.as_micros().div_ceil(1000);
+            poll_fds(
+                &mut fds,
+                PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX),
+            )?;
+            if is_ready(&fds[0]) {
+                return Ok(());
             }
-            for peer in table.peers() {
-                let (len, endpoint) = {
-                    let mut state = peer.lock();
-                    let endpoint = state.endpoint;
-                    match state.tunn.update_timers(&mut out) {
-                        TunnResult::WriteToNetwork(p) => (p.len(), endpoint),
-                        TunnResult::Err(WireGuardError::ConnectionExpired) => {
-                            trace!(peer = %PeerName(&peer.public_key), "session expired");
-                            continue;
-                        }
-                        TunnResult::Err(e) => {
-                            debug!(peer = %PeerName(&peer.public_key), error = ?e, "timer");
-                            continue;
-                        }
-                        _ => continue,
-                    }
-                };
-                let Some(endpoint) = endpoint else {
-                    Counters::bump(&self.counters.no_endpoint);
-                    trace!(peer = %PeerName(&peer.public_key), "no endpoint, dropped");
-                    continue;
-                };
-                match self.socket().send(&out[..len], endpoint, None).await {
-                    Ok(()) => peer.add_tx(len),
-                    Err(e) => debug!(%endpoint, error = %e, "send failed"),
-                }
+            if Instant::now() < next {
+                continue;
+            }
+            // A late tick delays the next one rather than bunching up.
+            next = Instant::now() + TIMER_TICK;
+            if self.tick_timers(&mut out, stop).is_err() {
+                // Only a stop ends a round early.
+                return Ok(());
             }
         }
+    }
+
+    fn tick_timers(&self, out: &mut [u8], stop: &EventFd) -> io::Result<()> {
+        let table = self.table();
+        if let Some(identity) = table.identity() {
+            identity.rate_limiter.reset_count();
+        }
+        for peer in table.peers() {
+            let (len, endpoint) = {
+                let mut state = peer.lock();
+                let endpoint = state.endpoint;
+                match state.tunn.update_timers(out) {
+                    TunnResult::WriteToNetwork(p) => (p.len(), endpoint),
+                    TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                        trace!(peer = %PeerName(&peer.public_key), "session expired");
+                        continue;
+                    }
+                    TunnResult::Err(e) => {
+                        debug!(peer = %PeerName(&peer.public_key), error = ?e, "timer");
+                        continue;
+                    }
+                    _ => continue,
+                }
+            };
+            let Some(endpoint) = endpoint else {
+                Counters::bump(&self.counters.no_endpoint);
+                trace!(peer = %PeerName(&peer.public_key), "no endpoint, dropped");
+                continue;
+            };
+            match self.socket().send(&out[..len], endpoint, None, stop) {
+                Ok(()) => peer.add_tx(len),
+                Err(e) if is_stopped(&e) => return Err(e),
+                Err(e) => debug!(%endpoint, error = %e, "send failed"),
+            }
+        }
+        Ok(())
     }
 
     /// The configuration with every peer's current (possibly roamed)
@@ -453,10 +536,69 @@ impl UapiHandler for Device {
     }
 }
 
+/// The data path's threads: signalled and joined when dropped.
+struct Threads {
+    stop: Arc<EventFd>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        // Never drained: stays readable for every thread's poll.
+        let _ = self.stop.write(1);
+        for handle in self.handles.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn new_eventfd() -> io::Result<EventFd> {
+    Ok(EventFd::from_flags(
+        EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
+    )?)
+}
+
+/// poll(2), resumed when a signal interrupts it.
+fn poll_fds(fds: &mut [PollFd<'_>], timeout: PollTimeout) -> io::Result<i32> {
+    loop {
+        match nix::poll::poll(fds, timeout) {
+            Ok(n) => return Ok(n),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn is_ready(fd: &PollFd<'_>) -> bool {
+    fd.revents().is_some_and(|r| !r.is_empty())
+}
+
+/// The error a send returns when the data path is stopped while it waits
+/// for room in the socket buffer.
+fn stopped() -> io::Error {
+    io::Error::new(io::ErrorKind::Interrupted, StoppedError)
+}
+
+fn is_stopped(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<StoppedError>())
+}
+
+#[derive(Debug)]
+struct StoppedError;
+
+impl std::fmt::Display for StoppedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the data path is stopping")
+    }
+}
+
+impl std::error::Error for StoppedError {}
+
 /// The UDP socket and what the data path needs to know of it without a
 /// system call.
 pub struct Bound {
-    pub socket: UdpSocket,
+    /// Non-blocking: the data path threads wait in poll(2).
+    pub socket: std::net::UdpSocket,
     /// The bound port (the kernel's choice when 0 was asked for).
     pub port: u16,
     dual_stack: bool,
@@ -480,11 +622,14 @@ impl Bound {
 
     /// Sends `contents` to `to`: one datagram, or with `segment` a run of
     /// datagrams of that size (the last may be shorter) in one system call.
-    async fn send(
+    /// Waits for room in the socket buffer unless `stop` is signalled
+    /// (then the error satisfies [`is_stopped`]).
+    fn send(
         &self,
         contents: &[u8],
         to: SocketAddr,
         segment: Option<usize>,
+        stop: &EventFd,
     ) -> io::Result<()> {
         let transmit = quinn_udp::Transmit {
             destination: self.destination(to),
@@ -494,11 +639,17 @@ impl Bound {
             src_ip: None,
         };
         loop {
-            self.socket.writable().await?;
-            match self.socket.try_io(Interest::WRITABLE, || {
-                self.state.try_send((&self.socket).into(), &transmit)
-            }) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            match self.state.try_send((&self.socket).into(), &transmit) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut fds = [
+                        PollFd::new(self.socket.as_fd(), PollFlags::POLLOUT),
+                        PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+                    ];
+                    poll_fds(&mut fds, PollTimeout::NONE)?;
+                    if is_ready(&fds[1]) {
+                        return Err(stopped());
+                    }
+                }
                 Err(e)
                     if matches!(
                         e.raw_os_error(),
@@ -512,7 +663,7 @@ impl Bound {
                     // fragments it, as before batching). These go out one
                     // by one.
                     for d in contents.chunks(segment.unwrap_or(contents.len()).max(1)) {
-                        Box::pin(self.send(d, to, None)).await?;
+                        self.send(d, to, None, stop)?;
                     }
                     return Ok(());
                 }
@@ -522,28 +673,16 @@ impl Bound {
     }
 
     /// Receives up to `bufs.len()` datagrams (each possibly several
-    /// coalesced by GRO: `meta.stride` bytes each).
-    async fn recv(
-        &self,
-        bufs: &mut [Vec<u8>],
-        metas: &mut [quinn_udp::RecvMeta],
-    ) -> io::Result<usize> {
+    /// coalesced by GRO: `meta.stride` bytes each), or `WouldBlock`.
+    fn recv(&self, bufs: &mut [Vec<u8>], metas: &mut [quinn_udp::RecvMeta]) -> io::Result<usize> {
         let n = bufs.len().min(quinn_udp::BATCH_SIZE);
         let mut slices: [IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
             std::array::from_fn(|_| IoSliceMut::new(&mut []));
         for (slice, buf) in slices.iter_mut().zip(bufs.iter_mut()) {
             *slice = IoSliceMut::new(buf);
         }
-        loop {
-            self.socket.readable().await?;
-            match self.socket.try_io(Interest::READABLE, || {
-                self.state
-                    .recv((&self.socket).into(), &mut slices[..n], &mut metas[..n])
-            }) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return other,
-            }
-        }
+        self.state
+            .recv((&self.socket).into(), &mut slices[..n], &mut metas[..n])
     }
 }
 
@@ -554,13 +693,12 @@ pub fn bind_udp(port: u16, fwmark: u32) -> io::Result<Bound> {
 }
 
 impl Bound {
-    /// Takes a bound UDP socket (blocking or not) into the runtime.
+    /// Takes a bound UDP socket (blocking or not) for the data path.
     pub fn from_std(socket: std::net::UdpSocket) -> io::Result<Bound> {
         socket.set_nonblocking(true)?;
         let state = quinn_udp::UdpSocketState::new((&socket).into())
             .map_err(|e| io::Error::new(e.kind(), format!("cannot set up the UDP socket: {e}")))?;
         restore_path_mtu_discovery(&socket);
-        let socket = UdpSocket::from_std(socket)?;
         let local = socket.local_addr()?;
         Ok(Bound {
             socket,
@@ -638,7 +776,7 @@ fn restore_path_mtu_discovery(socket: &std::net::UdpSocket) {
     );
 }
 
-fn set_mark(socket: &UdpSocket, fwmark: u32) -> io::Result<()> {
+fn set_mark(socket: &std::net::UdpSocket, fwmark: u32) -> io::Result<()> {
     socket2::SockRef::from(socket).set_mark(fwmark)
 }
 
@@ -656,14 +794,4 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 
 fn zeroed_buffers(count: usize, len: usize) -> Vec<Vec<u8>> {
     (0..count).map(|_| vec![0u8; len]).collect()
-}
-
-struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for h in &self.0 {
-            h.abort();
-        }
-    }
 }

@@ -108,7 +108,9 @@ fn main() -> ExitCode {
             }
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread for the userspace API and the signals: the data path
+    // runs on threads of its own (device.rs).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -250,7 +252,7 @@ async fn start(
             let bound =
                 vane_tunnel::device::Bound::from_std(socket).context("the inherited UDP socket")?;
             config.listen_port = bound.port;
-            Device::with_socket(tun, bound, config)
+            Device::with_socket(tun, bound, config).context("cannot start the device")?
         }
     };
     Ok((device, listener, socket_guard))

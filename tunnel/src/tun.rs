@@ -10,7 +10,7 @@
 
 use std::io;
 
-use tun_rs::{AsyncDevice, DeviceBuilder};
+use tun_rs::{DeviceBuilder, SyncDevice};
 
 /// Whether the device is opened multi-queue. Must be the same for the
 /// creator of a persistent device and every process attaching to it (the
@@ -29,14 +29,14 @@ fn builder(name: &str) -> DeviceBuilder {
 /// Creates (or attaches to) the device `name` and sets its MTU. Needs
 /// CAP_NET_ADMIN. The device goes away when the last descriptor closes,
 /// unless it was made persistent.
-pub fn create(name: &str, mtu: u16) -> io::Result<AsyncDevice> {
-    builder(name).mtu(mtu).build_async()
+pub fn create(name: &str, mtu: u16) -> io::Result<SyncDevice> {
+    builder(name).mtu(mtu).build_sync()
 }
 
 /// Attaches to the existing persistent device `name` without changing its
 /// configuration (no capability needed when its owner is this uid).
-pub fn attach(name: &str) -> io::Result<AsyncDevice> {
-    builder(name).inherit_enable_state().build_async()
+pub fn attach(name: &str) -> io::Result<SyncDevice> {
+    builder(name).inherit_enable_state().build_sync()
 }
 
 /// Creates the persistent device `name` with its MTU, owned by `owner` (the
