@@ -25,8 +25,8 @@
 //! cycles that caused a new handshake (there should be none).
 //!
 //! Tunnel kills are spaced more than the supervisor's stable run apart,
-//! so each is restarted at once as a single crash or upgrade is (closer
-//! kills are a crash loop and meet the backoff).
+//! so each is restarted at once as a single crash is (closer kills are a
+//! crash loop and meet the backoff); the other kinds are a second apart.
 
 use std::net::UdpSocket;
 use std::os::unix::fs::MetadataExt;
@@ -212,10 +212,13 @@ fn main() -> Result<()> {
         let mut handshakes = 0;
         for _ in 0..n {
             match kind {
-                Kind::TunnelKilled | Kind::BothKilled => std::thread::sleep(SPACING),
-                // Not failures: no stable run needed, only a moment of
-                // steady traffic.
-                Kind::TunnelReplaced | Kind::Upgrade => std::thread::sleep(SETTLE),
+                Kind::TunnelKilled => std::thread::sleep(SPACING),
+                // Not failures (or, both killed, a new vaned with no
+                // history of them): no stable run needed, only a moment
+                // of steady traffic.
+                Kind::TunnelReplaced | Kind::Upgrade | Kind::BothKilled => {
+                    std::thread::sleep(SETTLE)
+                }
                 Kind::Idle | Kind::VanedKilled | Kind::VanedHandover => {}
             }
             let old = vaned.tunnel_pid()?;
