@@ -231,18 +231,18 @@ fn kill_both_processes(s: &mut Setup) -> u32 {
 fn kill_both(s: &mut Setup) {
     let path = data_path(&s.lab);
     let tunnel = kill_both_processes(s);
-    s.vaned = s.lab.start_vaned_bin(&s.binary, &[]).unwrap();
-    wait_new_tunnel(&s.vaned, tunnel);
-    assert!(
-        s.vaned
-            .proc_
-            .log()
-            .contains("re-attaching to the interface"),
-        "{}",
-        s.vaned.proc_.log()
-    );
+    restart_after_both(s, tunnel, "re-attaching to the interface");
     assert_eq!(data_path(&s.lab), path, "the data path changed");
     s.stream.wait_flowing(FLOWING, UP).unwrap();
+}
+
+/// Starts vaned after both were killed; waits for a new tunnel and for
+/// `said` in vaned's log.
+fn restart_after_both(s: &mut Setup, old: u32, said: &str) {
+    s.vaned = s.lab.start_vaned_bin(&s.binary, &[]).unwrap();
+    wait_new_tunnel(&s.vaned, old);
+    let log = s.vaned.proc_.log();
+    assert!(log.contains(said), "{said:?} not in:\n{log}");
 }
 
 fn finish(s: Setup) {
@@ -435,15 +435,10 @@ fn vaned_and_the_tunnel_killed_together_reattach() {
         .a
         .ip(&["link", "set", "dev", &s.lab.ifname, "mtu", "1300"])
         .unwrap();
-    s.vaned = s.lab.start_vaned_bin(&s.binary, &[]).unwrap();
-    wait_new_tunnel(&s.vaned, tunnel);
-    assert!(
-        s.vaned
-            .proc_
-            .log()
-            .contains("removing the interface left by an earlier run (MTU 1300"),
-        "{}",
-        s.vaned.proc_.log()
+    restart_after_both(
+        &mut s,
+        tunnel,
+        "removing the interface left by an earlier run (MTU 1300",
     );
     assert_ne!(index(&s.lab), before, "the device was made afresh");
     s.stream.wait_flowing(FLOWING, UP).unwrap();
