@@ -695,32 +695,23 @@ impl Worker {
     /// it; another file is tried (`--version`, without privileges) before
     /// it is reported as one to move to.
     pub async fn check_binary(&mut self) {
-        use std::os::unix::fs::MetadataExt as _;
         let Some(running) = &self.running else { return };
         let pid = running.pid;
-        let running_file = match running.exe.as_ref().map(|f| f.metadata()) {
-            Some(Ok(m)) => m,
-            _ => return,
+        let Some(running_file) = running.exe.as_ref().and_then(file_id_of) else {
+            return;
         };
-        let on_disk = match std::fs::metadata(&self.plan.binary) {
-            Ok(m) => m,
-            Err(e) => {
-                // Removed (by an upgrade in progress, say): the rename
-                // that puts the new one in place is another event.
-                debug!(binary = %self.plan.binary.display(), "tunnel binary: {e}");
-                return;
-            }
+        let Some(id) = file_id(&self.plan.binary) else {
+            // Removed (by an upgrade in progress, say): the rename that
+            // puts the new one in place is another event.
+            debug!(binary = %self.plan.binary.display(), "tunnel binary missing");
+            return;
         };
-        let id = (on_disk.dev(), on_disk.ino());
-        let new = if id == (running_file.dev(), running_file.ino()) {
+        let new = if id == running_file {
             Ok(false)
         } else if let Some((_, why)) = self.bad_binary.as_ref().filter(|(bad, _)| *bad == id) {
             Err(why.clone())
         } else {
-            match preflight(&self.plan.binary).await {
-                Ok(()) => Ok(true),
-                Err(e) => Err(e),
-            }
+            preflight(&self.plan.binary).await.map(|()| true)
         };
         let _ = self.reports.send(Report::BinaryChecked { pid, new });
     }

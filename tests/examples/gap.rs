@@ -89,11 +89,6 @@ impl Kind {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 fn kill(pid: u32, sig: Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
 }
@@ -308,8 +303,8 @@ fn main() -> Result<()> {
         print!(
             "{}: recovered {recovered}/{n}, gap p50={:.1} ms p99={:.1} ms max={:.1} ms",
             kind.name(),
-            percentile(&gaps, 0.5),
-            percentile(&gaps, 0.99),
+            vane_e2e::percentile(&gaps, 0.5),
+            vane_e2e::percentile(&gaps, 0.99),
             gaps[gaps.len() - 1],
         );
         if matches!(kind, Kind::VanedKilled | Kind::VanedHandover) {

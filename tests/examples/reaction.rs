@@ -48,18 +48,13 @@ fn quiet() {
     std::thread::sleep(Duration::from_millis(300));
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 fn report(kind: &str, mut ms: Vec<f64>) {
     ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
     println!(
         "{kind}: n={} p50={:.1} ms p99={:.1} ms max={:.1} ms min={:.1} ms",
         ms.len(),
-        percentile(&ms, 0.5),
-        percentile(&ms, 0.99),
+        vane_e2e::percentile(&ms, 0.5),
+        vane_e2e::percentile(&ms, 0.99),
         ms[ms.len() - 1],
         ms[0]
     );

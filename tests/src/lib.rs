@@ -638,6 +638,13 @@ pub fn tunnel_addrs(ns: &Netns, ifname: &str, addrs: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The `p` quantile (0..=1) of sorted samples, nearest rank; for the
+/// benchmarks' p50/p99 lines. `sorted` must not be empty.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
