@@ -1,9 +1,10 @@
 //! The device: the I/O shell that moves packets between the TUN device and
 //! the UDP socket, and applies configuration changes.
 //!
-//! Three loops, each on an OS thread of its own waiting in poll(2): TUN ->
-//! encapsulate -> UDP, UDP -> decapsulate -> TUN, and the timers (handshake
-//! retries, keepalives, rekeying, the rate limiter's reset). The decisions (which peer, whether a source is allowed)
+//! Two workers share one epoll set holding the TUN device (TUN ->
+//! encapsulate -> UDP) and the UDP socket (UDP -> decapsulate -> TUN); a
+//! third thread drives the timers (handshake retries, keepalives,
+//! rekeying, the rate limiter's reset). The decisions (which peer, whether a source is allowed)
 //! are the peer table's; this module only does the reading and writing.
 
 use std::io::{self, IoSliceMut};
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::TunnResult;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{debug, trace, warn};
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
@@ -91,24 +93,16 @@ struct Active {
 
 /// One WireGuard interface.
 pub struct Device {
-    /// Non-blocking: the data path threads wait in poll(2), where a stop
+    /// Non-blocking: the data path's workers wait in epoll, where a stop
     /// can reach them.
     tun: SyncDevice,
     active: Mutex<Active>,
     /// A lock-cheap copy of `active.table` for the data path.
     table: RwLock<Arc<PeerTable>>,
     socket: RwLock<Arc<Bound>>,
-    /// Written when `socket` is replaced: wakes the UDP thread out of
-    /// poll(2) to wait on the new socket instead.
+    /// Written when `socket` is replaced: a worker then swaps the new
+    /// socket into the epoll set.
     socket_changed: EventFd,
-    /// The TUN side's buffers, held by whichever thread reads the TUN
-    /// device: the TUN thread, or the UDP thread picking up a reply the
-    /// packet it just wrote produced (see [`Device::udp_loop`]). One
-    /// holder at a time keeps the packets of the TUN side in order.
-    /// Allocated by the TUN thread when it starts: memory a thread
-    /// allocates comes from its own arena, fresh and untouched, where the
-    /// main arena's calloc zeroed (touched) 6 MB of it.
-    tun_reader: Mutex<Option<TunReader>>,
     pub counters: Counters,
 }
 
@@ -134,14 +128,99 @@ impl TunReader {
     }
 }
 
-/// What one read of the TUN device came to.
-enum TunRead {
+/// What one read of a side came to.
+enum SideRead {
     /// Nothing was waiting.
     Empty,
     /// Packets were read and sent on (or dropped and counted).
     Sent,
     /// The data path is stopping.
     Stopped,
+}
+
+/// What reading the UDP socket and decrypting what it read needs.
+struct UdpBuffers {
+    recv_bufs: Vec<Vec<u8>>,
+    metas: Vec<quinn_udp::RecvMeta>,
+    out: Vec<Vec<u8>>,
+    gro: GROTable,
+}
+
+impl UdpBuffers {
+    fn new() -> UdpBuffers {
+        UdpBuffers {
+            recv_bufs: zeroed_buffers(quinn_udp::BATCH_SIZE, 65_536),
+            metas: vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE],
+            out: (0..TUN_WRITE_BATCH)
+                .map(|_| Vec::with_capacity(TUN_OFFSET + 65_536))
+                .collect(),
+            gro: GROTable::default(),
+        }
+    }
+}
+
+/// The UDP side: the socket registered in the set, and its buffers
+/// (allocated by the first worker that reads, as [`TunReader`]).
+struct UdpSide {
+    bound: Arc<Bound>,
+    buffers: Option<UdpBuffers>,
+}
+
+const TOKEN_TUN: u64 = 0;
+const TOKEN_UDP: u64 = 1;
+const TOKEN_SOCKET: u64 = 2;
+const TOKEN_STOP: u64 = 3;
+const ONE_SHOT_IN: EpollFlags = EpollFlags::EPOLLIN.union(EpollFlags::EPOLLONESHOT);
+
+/// The epoll set the data path's workers share.
+struct DataPlane {
+    epoll: Epoll,
+    /// The TUN side's buffers. Allocated by the first worker that reads:
+    /// memory a thread allocates comes from its own arena, fresh and
+    /// untouched, where the main arena's calloc zeroed (touched) 6 MB of it.
+    tun: Mutex<Option<TunReader>>,
+    udp: Mutex<UdpSide>,
+}
+
+impl DataPlane {
+    fn new(device: &Device, stop: &EventFd) -> io::Result<DataPlane> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let bound = device.socket();
+        epoll.add(device.tun.as_fd(), EpollEvent::new(ONE_SHOT_IN, TOKEN_TUN))?;
+        epoll.add(
+            bound.socket.as_fd(),
+            EpollEvent::new(ONE_SHOT_IN, TOKEN_UDP),
+        )?;
+        epoll.add(
+            device.socket_changed.as_fd(),
+            EpollEvent::new(ONE_SHOT_IN, TOKEN_SOCKET),
+        )?;
+        // Level triggered and never drained: every worker sees it.
+        epoll.add(
+            stop.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_STOP),
+        )?;
+        Ok(DataPlane {
+            epoll,
+            tun: Mutex::new(None),
+            udp: Mutex::new(UdpSide {
+                bound,
+                buffers: None,
+            }),
+        })
+    }
+
+    fn udp(&self) -> std::sync::MutexGuard<'_, UdpSide> {
+        self.udp.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands a side back to the set after its event was handled; reported
+    /// again at once if more is waiting.
+    fn rearm(&self, fd: std::os::fd::BorrowedFd<'_>, token: u64) -> io::Result<()> {
+        Ok(self
+            .epoll
+            .modify(fd, &mut EpollEvent::new(ONE_SHOT_IN, token))?)
+    }
 }
 
 impl Device {
@@ -179,7 +258,6 @@ impl Device {
             table: RwLock::new(table),
             socket: RwLock::new(socket),
             socket_changed,
-            tun_reader: Mutex::new(None),
             counters: Counters::default(),
         }))
     }
@@ -266,36 +344,44 @@ impl Device {
     /// Runs the data path until the returned future is dropped or an I/O
     /// error on the TUN device ends it.
     ///
-    /// Each loop has an OS thread of its own that waits in poll(2) on its
-    /// descriptors, as boringtun-cli's threads wait in epoll: the thread
-    /// the kernel wakes for a packet is the one that handles it, and a
-    /// lone packet costs three system calls (tokio's tasks took about
-    /// four, with a read that found nothing; docs/ARCHITECTURE.md has the
-    /// measurements). Dropping the future signals the threads (an eventfd
-    /// in their poll sets) and joins them.
+    /// Two worker threads wait in one epoll set holding the TUN device and
+    /// the UDP socket, each registered one-shot: an event goes to one
+    /// worker, which handles that side (one read, everything it read sent
+    /// on) and re-arms it, so a side is never handled by two workers at
+    /// once and its packets keep their order, while the two sides run in
+    /// parallel on the two workers under load. A third thread drives the
+    /// timers. Why one set rather than a thread per side: epoll wakes the
+    /// worker that waited last, so the reply to a packet a worker just
+    /// sent wakes that same worker, still warm on its core, where a
+    /// thread of its own for the other side had slept since its last
+    /// packet (docs/ARCHITECTURE.md has the measurements). Dropping the
+    /// future signals the threads (an eventfd in the set, level
+    /// triggered, so every worker sees it) and joins them.
     pub async fn run(self: Arc<Self>) -> io::Result<()> {
-        type Body = fn(&Device, &EventFd) -> io::Result<()>;
         let stop = Arc::new(new_eventfd()?);
+        let plane = Arc::new(DataPlane::new(&self, &stop)?);
         let mut threads = Threads {
             stop: Arc::clone(&stop),
             handles: Vec::new(),
         };
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
-        let loops: [(&str, Body); 3] = [
-            ("vane-tun", Device::tun_loop),
-            ("vane-udp", Device::udp_loop),
-            ("vane-timers", Device::timer_loop),
-        ];
-        for (name, body) in loops {
+        for name in ["vane-data0", "vane-data1", "vane-timers"] {
             let device = Arc::clone(&self);
             let stop = Arc::clone(&stop);
+            let plane = Arc::clone(&plane);
             let done = done_tx.clone();
             let handle = std::thread::Builder::new()
                 .name(name.into())
                 .spawn(move || {
-                    let result =
-                        std::panic::catch_unwind(AssertUnwindSafe(|| body(&device, &stop)))
-                            .unwrap_or_else(|_| Err(io::Error::other(format!("{name} panicked"))));
+                    let body = || {
+                        if name == "vane-timers" {
+                            device.timer_loop(&stop)
+                        } else {
+                            device.data_loop(&stop, &plane)
+                        }
+                    };
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(body))
+                        .unwrap_or_else(|_| Err(io::Error::other(format!("{name} panicked"))));
                     let _ = done.send(result);
                 })?;
             threads.handles.push(handle);
@@ -307,7 +393,66 @@ impl Device {
         }
     }
 
-    /// TUN -> peer by destination -> encapsulate -> UDP.
+    /// A worker: takes one event at a time from the shared set (one, so
+    /// that a second ready side goes to the other worker) and handles it.
+    fn data_loop(&self, stop: &EventFd, plane: &DataPlane) -> io::Result<()> {
+        let mut events = [EpollEvent::empty()];
+        loop {
+            let n = match plane.epoll.wait(&mut events, EpollTimeout::NONE) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if n == 0 {
+                continue;
+            }
+            match events[0].data() {
+                TOKEN_STOP => return Ok(()),
+                TOKEN_TUN => {
+                    // Never contended: the one-shot registration gives the
+                    // TUN side to one worker at a time.
+                    let mut reader = plane.tun.lock().unwrap_or_else(|e| e.into_inner());
+                    let reader = reader.get_or_insert_with(TunReader::new);
+                    if let SideRead::Stopped = self.read_tun(reader, stop)? {
+                        return Ok(());
+                    }
+                    plane.rearm(self.tun.as_fd(), TOKEN_TUN)?;
+                }
+                TOKEN_UDP => {
+                    let mut side = plane.udp();
+                    let UdpSide { bound, buffers } = &mut *side;
+                    let buffers = buffers.get_or_insert_with(UdpBuffers::new);
+                    if let SideRead::Stopped = self.read_udp(bound, buffers, stop)? {
+                        return Ok(());
+                    }
+                    // Under the lock: never re-arms a socket that a change
+                    // has just taken out of the set.
+                    plane.rearm(bound.socket.as_fd(), TOKEN_UDP)?;
+                }
+                TOKEN_SOCKET => {
+                    let mut side = plane.udp();
+                    // Drained, so the re-armed registration waits again;
+                    // the socket in force is read after, so no change is
+                    // missed.
+                    let _ = self.socket_changed.read();
+                    let new = self.socket();
+                    if !Arc::ptr_eq(&new, &side.bound) {
+                        plane.epoll.delete(side.bound.socket.as_fd())?;
+                        plane
+                            .epoll
+                            .add(new.socket.as_fd(), EpollEvent::new(ONE_SHOT_IN, TOKEN_UDP))?;
+                        side.bound = new;
+                    }
+                    plane.rearm(self.socket_changed.as_fd(), TOKEN_SOCKET)?;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// TUN -> peer by destination -> encapsulate -> UDP: one non-blocking
+    /// read of the TUN device, its packets encrypted and sent. An error is
+    /// the TUN device's own (the data path ends).
     ///
     /// One read from the offloaded TUN device returns up to 64 KiB of one
     /// TCP or UDP flow (TSO/USO), which tun-rs splits into MTU-sized
@@ -315,43 +460,7 @@ impl Device {
     /// as few `sendmsg` calls with UDP GSO as the destinations allow. A
     /// lone packet is sent as soon as it is read: nothing waits for a batch
     /// to fill.
-    fn tun_loop(&self, stop: &EventFd) -> io::Result<()> {
-        self.tun_reader
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert_with(TunReader::new);
-        loop {
-            // Wait first, then read: a lone packet costs poll, read and
-            // sendmsg, no read that finds nothing.
-            let mut fds = [
-                PollFd::new(self.tun.as_fd(), PollFlags::POLLIN),
-                PollFd::new(stop.as_fd(), PollFlags::POLLIN),
-            ];
-            poll_fds(&mut fds, PollTimeout::NONE)?;
-            if is_ready(&fds[1]) {
-                return Ok(());
-            }
-            let mut guard = match self.tun_reader.try_lock() {
-                Ok(guard) => guard,
-                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => {
-                    // The UDP thread is sending a reply it found (for a
-                    // few microseconds): waiting on the lock would make
-                    // it pay a futex wake; what it leaves, poll reports.
-                    std::thread::yield_now();
-                    continue;
-                }
-            };
-            let reader = guard.get_or_insert_with(TunReader::new);
-            if let TunRead::Stopped = self.read_tun(reader, stop)? {
-                return Ok(());
-            }
-        }
-    }
-
-    /// One non-blocking read of the TUN device, its packets encrypted and
-    /// sent. An error is the TUN device's own (the data path ends).
-    fn read_tun(&self, reader: &mut TunReader, stop: &EventFd) -> io::Result<TunRead> {
+    fn read_tun(&self, reader: &mut TunReader, stop: &EventFd) -> io::Result<SideRead> {
         let TunReader {
             original,
             packets,
@@ -360,13 +469,13 @@ impl Device {
         } = reader;
         let n = match self.tun.recv_multiple(original, packets, sizes, 0) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(TunRead::Empty),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(SideRead::Empty),
             Err(e) if e.raw_os_error().is_some() => return Err(e),
             Err(e) => {
                 // A malformed offloaded packet (tun-rs's own checks,
                 // which carry no errno): skip it.
                 debug!(error = %e, "unreadable packet from the TUN device");
-                return Ok(TunRead::Sent);
+                return Ok(SideRead::Sent);
             }
         };
         let table = self.table();
@@ -394,129 +503,93 @@ impl Device {
             }
             batch.clear();
             if stopped {
-                return Ok(TunRead::Stopped);
+                return Ok(SideRead::Stopped);
             }
         }
-        Ok(TunRead::Sent)
+        Ok(SideRead::Sent)
     }
 
-    /// UDP -> peer by index or static key -> decapsulate -> TUN.
-    ///
-    /// One `recvmmsg` takes up to 32 datagrams, each possibly a run of
-    /// segments the kernel coalesced (UDP GRO). The decrypted packets are
-    /// written with tun-rs's GRO table, which merges consecutive TCP
-    /// segments of a flow into one write of up to 64 KiB.
-    fn udp_loop(&self, stop: &EventFd) -> io::Result<()> {
-        let mut bound = self.socket();
-        let mut recv_bufs = zeroed_buffers(quinn_udp::BATCH_SIZE, 65_536);
-        let mut metas = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
-        let mut out: Vec<Vec<u8>> = (0..TUN_WRITE_BATCH)
-            .map(|_| Vec::with_capacity(TUN_OFFSET + 65_536))
-            .collect();
-        let mut gro = GROTable::default();
-        loop {
-            let mut fds = [
-                PollFd::new(bound.socket.as_fd(), PollFlags::POLLIN),
-                PollFd::new(stop.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.socket_changed.as_fd(), PollFlags::POLLIN),
-            ];
-            poll_fds(&mut fds, PollTimeout::NONE)?;
-            if is_ready(&fds[1]) {
-                return Ok(());
+    /// UDP -> peer by index or static key -> decapsulate -> TUN: one
+    /// `recvmmsg` of up to 32 datagrams, each possibly a run of segments
+    /// the kernel coalesced (UDP GRO). The decrypted packets are written
+    /// with tun-rs's GRO table, which merges consecutive TCP segments of a
+    /// flow into one write of up to 64 KiB.
+    fn read_udp(
+        &self,
+        bound: &Bound,
+        buffers: &mut UdpBuffers,
+        stop: &EventFd,
+    ) -> io::Result<SideRead> {
+        let UdpBuffers {
+            recv_bufs,
+            metas,
+            out,
+            gro,
+        } = buffers;
+        let count = match bound.recv(recv_bufs, metas) {
+            Ok(count) => count,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(SideRead::Empty),
+            Err(e) => {
+                // ICMP errors surface as ECONNREFUSED and the like on
+                // an unconnected UDP socket; they end nothing.
+                trace!(error = %e, "recvmmsg");
+                return Ok(SideRead::Sent);
             }
-            if is_ready(&fds[2]) {
-                // Drained, so the next poll waits again; the socket in
-                // force is read after, so no change is missed.
-                let _ = self.socket_changed.read();
-                bound = self.socket();
+        };
+        let table = self.table();
+        let mut pending = 0;
+        for (meta, buf) in metas.iter().zip(recv_bufs.iter()).take(count) {
+            let from = canonical(meta.addr);
+            let stride = meta.stride.max(1);
+            let Some(data) = buf.get(..meta.len) else {
+                continue;
+            };
+            if data.is_empty() {
+                // An empty datagram (`chunks` yields nothing for it):
+                // not a WireGuard message, and counted as such.
+                Counters::bump(&self.counters.invalid_datagrams);
+                trace!(%from, "empty datagram");
                 continue;
             }
-            let count = match bound.recv(&mut recv_bufs, &mut metas) {
-                Ok(count) => count,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => {
-                    // ICMP errors surface as ECONNREFUSED and the like on
-                    // an unconnected UDP socket; they end nothing.
-                    trace!(error = %e, "recvmmsg");
-                    continue;
-                }
-            };
-            let table = self.table();
-            let mut pending = 0;
-            let mut written = 0;
-            for (meta, buf) in metas.iter().zip(&recv_bufs).take(count) {
-                let from = canonical(meta.addr);
-                let stride = meta.stride.max(1);
-                let Some(data) = buf.get(..meta.len) else {
-                    continue;
-                };
-                if data.is_empty() {
-                    // An empty datagram (`chunks` yields nothing for it):
-                    // not a WireGuard message, and counted as such.
-                    Counters::bump(&self.counters.invalid_datagrams);
-                    trace!(%from, "empty datagram");
-                    continue;
-                }
-                for datagram in data.chunks(stride) {
-                    let opened = open_datagram(
-                        &table,
-                        datagram,
-                        from,
-                        &mut out[pending],
-                        TUN_OFFSET,
-                        &self.counters,
-                    );
-                    match opened {
-                        Opened::Nothing => {}
-                        Opened::Tunnel { .. } => {
-                            pending += 1;
-                            written += 1;
-                            if pending == out.len() {
-                                self.write_tun(&mut gro, &mut out[..pending]);
-                                pending = 0;
-                            }
-                        }
-                        Opened::Network(peer, sends) => {
-                            for s in sends {
-                                match bound.send(&s, from, None, stop) {
-                                    Ok(()) => peer.add_tx(s.len()),
-                                    Err(e) if is_stopped(&e) => return Ok(()),
-                                    Err(e) => debug!(%from, error = %e, "send failed"),
-                                }
-                            }
-                        }
-                        Opened::Cookie(cookie) => match bound.send(&cookie, from, None, stop) {
-                            Err(e) if is_stopped(&e) => return Ok(()),
-                            Err(e) => debug!(%from, error = %e, "send failed"),
-                            Ok(()) => {}
-                        },
-                    }
-                }
-            }
-            if pending > 0 {
-                self.write_tun(&mut gro, &mut out[..pending]);
-            }
-            // A lone packet written to the TUN device is often answered at
-            // once: the kernel handles the write inside this thread's
-            // system call and queues the answer (a ping's echo reply, a
-            // TCP ACK, a local service's reply) on the TUN device before
-            // the write returns. Sending it from here, while this thread
-            // runs anyway, saves waking the TUN thread on the way back
-            // (about a quarter of a ping's round trip through two tunnels;
-            // boringtun-cli's threads share one epoll set and so get the
-            // same). Only when traffic is light (one packet this round) and
-            // the TUN side is not being read: under load each direction
-            // keeps its own thread and core.
-            if written == 1 {
-                if let Ok(mut guard) = self.tun_reader.try_lock() {
-                    if let Some(reader) = guard.as_mut() {
-                        if let TunRead::Stopped = self.read_tun(reader, stop)? {
-                            return Ok(());
+            for datagram in data.chunks(stride) {
+                let opened = open_datagram(
+                    &table,
+                    datagram,
+                    from,
+                    &mut out[pending],
+                    TUN_OFFSET,
+                    &self.counters,
+                );
+                match opened {
+                    Opened::Nothing => {}
+                    Opened::Tunnel { .. } => {
+                        pending += 1;
+                        if pending == out.len() {
+                            self.write_tun(gro, &mut out[..pending]);
+                            pending = 0;
                         }
                     }
+                    Opened::Network(peer, sends) => {
+                        for s in sends {
+                            match bound.send(&s, from, None, stop) {
+                                Ok(()) => peer.add_tx(s.len()),
+                                Err(e) if is_stopped(&e) => return Ok(SideRead::Stopped),
+                                Err(e) => debug!(%from, error = %e, "send failed"),
+                            }
+                        }
+                    }
+                    Opened::Cookie(cookie) => match bound.send(&cookie, from, None, stop) {
+                        Err(e) if is_stopped(&e) => return Ok(SideRead::Stopped),
+                        Err(e) => debug!(%from, error = %e, "send failed"),
+                        Ok(()) => {}
+                    },
                 }
             }
         }
+        if pending > 0 {
+            self.write_tun(gro, &mut out[..pending]);
+        }
+        Ok(SideRead::Sent)
     }
 
     /// Writes decrypted packets. The TUN device takes writes without
@@ -688,7 +761,7 @@ impl std::error::Error for StoppedError {}
 /// The UDP socket and what the data path needs to know of it without a
 /// system call.
 pub struct Bound {
-    /// Non-blocking: the data path threads wait in poll(2).
+    /// Non-blocking: the data path's workers wait in epoll.
     pub socket: std::net::UdpSocket,
     /// The bound port (the kernel's choice when 0 was asked for).
     pub port: u16,
@@ -730,7 +803,17 @@ impl Bound {
             src_ip: None,
         };
         loop {
-            match self.state.try_send((&self.socket).into(), &transmit) {
+            let sent = match segment {
+                // A lone datagram: a plain sendto, without the control
+                // messages quinn-udp adds to every send (the ECN field,
+                // which WireGuard does not use).
+                None => self
+                    .socket
+                    .send_to(contents, transmit.destination)
+                    .map(drop),
+                Some(_) => self.state.try_send((&self.socket).into(), &transmit),
+            };
+            match sent {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let mut fds = [
                         PollFd::new(self.socket.as_fd(), PollFlags::POLLOUT),
