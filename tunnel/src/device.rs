@@ -166,6 +166,16 @@ struct UdpSide {
     buffers: Option<UdpBuffers>,
 }
 
+/// What serving a registration came to.
+enum Served {
+    Done,
+    Stopped,
+}
+
+fn is_side(token: u64) -> bool {
+    token == TOKEN_TUN || token == TOKEN_UDP
+}
+
 const TOKEN_TUN: u64 = 0;
 const TOKEN_UDP: u64 = 1;
 const TOKEN_SOCKET: u64 = 2;
@@ -175,6 +185,9 @@ const ONE_SHOT_IN: EpollFlags = EpollFlags::EPOLLIN.union(EpollFlags::EPOLLONESH
 /// The epoll set the data path's workers share.
 struct DataPlane {
     epoll: Epoll,
+    /// A side handed to the helper: its token + 1. At most one is
+    /// outstanding (see [`Device::data_loop`]).
+    help: EventFd,
     /// The TUN side's buffers. Allocated by the first worker that reads:
     /// memory a thread allocates comes from its own arena, fresh and
     /// untouched, where the main arena's calloc zeroed (touched) 6 MB of it.
@@ -202,6 +215,7 @@ impl DataPlane {
         )?;
         Ok(DataPlane {
             epoll,
+            help: new_eventfd()?,
             tun: Mutex::new(None),
             udp: Mutex::new(UdpSide {
                 bound,
@@ -365,7 +379,7 @@ impl Device {
             handles: Vec::new(),
         };
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
-        for name in ["vane-data0", "vane-data1", "vane-timers"] {
+        for name in ["vane-data", "vane-helper", "vane-timers"] {
             let device = Arc::clone(&self);
             let stop = Arc::clone(&stop);
             let plane = Arc::clone(&plane);
@@ -373,12 +387,10 @@ impl Device {
             let handle = std::thread::Builder::new()
                 .name(name.into())
                 .spawn(move || {
-                    let body = || {
-                        if name == "vane-timers" {
-                            device.timer_loop(&stop)
-                        } else {
-                            device.data_loop(&stop, &plane)
-                        }
+                    let body = || match name {
+                        "vane-data" => device.data_loop(&stop, &plane),
+                        "vane-helper" => device.helper_loop(&stop, &plane),
+                        _ => device.timer_loop(&stop),
                     };
                     let result = std::panic::catch_unwind(AssertUnwindSafe(body))
                         .unwrap_or_else(|_| Err(io::Error::other(format!("{name} panicked"))));
@@ -393,61 +405,119 @@ impl Device {
         }
     }
 
-    /// A worker: takes one event at a time from the shared set (one, so
-    /// that a second ready side goes to the other worker) and handles it.
+    /// The worker that waits in the set. It takes up to two events: one
+    /// ready side it handles itself; when both sides are ready (there is
+    /// load), it hands one to the helper, so the two run on both cores.
     fn data_loop(&self, stop: &EventFd, plane: &DataPlane) -> io::Result<()> {
-        let mut events = [EpollEvent::empty()];
+        let mut events = [EpollEvent::empty(); 2];
         loop {
             let n = match plane.epoll.wait(&mut events, EpollTimeout::NONE) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(e.into()),
             };
-            if n == 0 {
-                continue;
+            let mut ready: &[EpollEvent] = &events[..n];
+            if let [a, b] = ready {
+                if is_side(a.data()) && is_side(b.data()) {
+                    // Only both data sides are handed over: the helper
+                    // holds no side now (each was armed, so neither is
+                    // with it), so the hand-off slot is free.
+                    plane.help.write(b.data() + 1)?;
+                    ready = &ready[..1];
+                }
             }
-            match events[0].data() {
-                TOKEN_STOP => return Ok(()),
-                TOKEN_TUN => {
-                    // Never contended: the one-shot registration gives the
-                    // TUN side to one worker at a time.
-                    let mut reader = plane.tun.lock().unwrap_or_else(|e| e.into_inner());
-                    let reader = reader.get_or_insert_with(TunReader::new);
-                    if let SideRead::Stopped = self.read_tun(reader, stop)? {
-                        return Ok(());
-                    }
-                    plane.rearm(self.tun.as_fd(), TOKEN_TUN)?;
+            for event in ready {
+                if let Served::Stopped = self.serve(event.data(), plane, stop, false)? {
+                    return Ok(());
                 }
-                TOKEN_UDP => {
-                    let mut side = plane.udp();
-                    let UdpSide { bound, buffers } = &mut *side;
-                    let buffers = buffers.get_or_insert_with(UdpBuffers::new);
-                    if let SideRead::Stopped = self.read_udp(bound, buffers, stop)? {
-                        return Ok(());
-                    }
-                    // Under the lock: never re-arms a socket that a change
-                    // has just taken out of the set.
-                    plane.rearm(bound.socket.as_fd(), TOKEN_UDP)?;
-                }
-                TOKEN_SOCKET => {
-                    let mut side = plane.udp();
-                    // Drained, so the re-armed registration waits again;
-                    // the socket in force is read after, so no change is
-                    // missed.
-                    let _ = self.socket_changed.read();
-                    let new = self.socket();
-                    if !Arc::ptr_eq(&new, &side.bound) {
-                        plane.epoll.delete(side.bound.socket.as_fd())?;
-                        plane
-                            .epoll
-                            .add(new.socket.as_fd(), EpollEvent::new(ONE_SHOT_IN, TOKEN_UDP))?;
-                        side.bound = new;
-                    }
-                    plane.rearm(self.socket_changed.as_fd(), TOKEN_SOCKET)?;
-                }
-                _ => {}
             }
         }
+    }
+
+    /// The helper: waits for a side the waiting worker hands over under
+    /// load, and serves it until nothing more waits there. While idle it
+    /// waits outside the set, so a lone packet never wakes it: a ping's
+    /// way through the tunnel stays on the one worker (and core), with no
+    /// wake-up of a thread that would find nothing.
+    fn helper_loop(&self, stop: &EventFd, plane: &DataPlane) -> io::Result<()> {
+        loop {
+            let mut fds = [
+                PollFd::new(plane.help.as_fd(), PollFlags::POLLIN),
+                PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+            ];
+            poll_fds(&mut fds, PollTimeout::NONE)?;
+            if is_ready(&fds[1]) {
+                return Ok(());
+            }
+            let token = match plane.help.read() {
+                Ok(value) => value.saturating_sub(1),
+                Err(nix::errno::Errno::EAGAIN) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if let Served::Stopped = self.serve(token, plane, stop, true)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Serves one ready registration of the set and re-arms it: a side is
+    /// read once (or, with `drain`, until nothing waits), everything read
+    /// sent on. A side's lock is never contended: the one-shot
+    /// registration gives it to one thread at a time.
+    fn serve(
+        &self,
+        token: u64,
+        plane: &DataPlane,
+        stop: &EventFd,
+        drain: bool,
+    ) -> io::Result<Served> {
+        match token {
+            TOKEN_STOP => return Ok(Served::Stopped),
+            TOKEN_TUN => {
+                let mut reader = plane.tun.lock().unwrap_or_else(|e| e.into_inner());
+                let reader = reader.get_or_insert_with(TunReader::new);
+                loop {
+                    match self.read_tun(reader, stop)? {
+                        SideRead::Stopped => return Ok(Served::Stopped),
+                        SideRead::Sent if drain => continue,
+                        SideRead::Sent | SideRead::Empty => break,
+                    }
+                }
+                plane.rearm(self.tun.as_fd(), TOKEN_TUN)?;
+            }
+            TOKEN_UDP => {
+                let mut side = plane.udp();
+                let UdpSide { bound, buffers } = &mut *side;
+                let buffers = buffers.get_or_insert_with(UdpBuffers::new);
+                loop {
+                    match self.read_udp(bound, buffers, stop)? {
+                        SideRead::Stopped => return Ok(Served::Stopped),
+                        SideRead::Sent if drain => continue,
+                        SideRead::Sent | SideRead::Empty => break,
+                    }
+                }
+                // Under the lock: never re-arms a socket that a change has
+                // just taken out of the set.
+                plane.rearm(bound.socket.as_fd(), TOKEN_UDP)?;
+            }
+            TOKEN_SOCKET => {
+                let mut side = plane.udp();
+                // Drained, so the re-armed registration waits again; the
+                // socket in force is read after, so no change is missed.
+                let _ = self.socket_changed.read();
+                let new = self.socket();
+                if !Arc::ptr_eq(&new, &side.bound) {
+                    plane.epoll.delete(side.bound.socket.as_fd())?;
+                    plane
+                        .epoll
+                        .add(new.socket.as_fd(), EpollEvent::new(ONE_SHOT_IN, TOKEN_UDP))?;
+                    side.bound = new;
+                }
+                plane.rearm(self.socket_changed.as_fd(), TOKEN_SOCKET)?;
+            }
+            _ => {}
+        }
+        Ok(Served::Done)
     }
 
     /// TUN -> peer by destination -> encapsulate -> UDP: one non-blocking
