@@ -1,9 +1,10 @@
 //! The device: the I/O shell that moves packets between the TUN device and
 //! the UDP socket, and applies configuration changes.
 //!
-//! Two workers share one epoll set holding the TUN device (TUN ->
-//! encapsulate -> UDP) and the UDP socket (UDP -> decapsulate -> TUN); a
-//! third thread drives the timers (handshake retries, keepalives,
+//! A worker waits in one epoll set holding the TUN device (TUN ->
+//! encapsulate -> UDP) and the UDP socket (UDP -> decapsulate -> TUN), and
+//! hands a side to a helper thread when both are busy; a third thread
+//! drives the timers (handshake retries, keepalives,
 //! rekeying, the rate limiter's reset). The decisions (which peer, whether a source is allowed)
 //! are the peer table's; this module only does the reading and writing.
 
@@ -93,8 +94,8 @@ struct Active {
 
 /// One WireGuard interface.
 pub struct Device {
-    /// Non-blocking: the data path's workers wait in epoll, where a stop
-    /// can reach them.
+    /// Non-blocking: the data path's threads wait in epoll or poll, where
+    /// a stop can reach them.
     tun: SyncDevice,
     active: Mutex<Active>,
     /// A lock-cheap copy of `active.table` for the data path.
@@ -160,7 +161,7 @@ impl UdpBuffers {
 }
 
 /// The UDP side: the socket registered in the set, and its buffers
-/// (allocated by the first worker that reads, as [`TunReader`]).
+/// (allocated by the first thread that reads, as [`TunReader`]).
 struct UdpSide {
     bound: Arc<Bound>,
     buffers: Option<UdpBuffers>,
@@ -170,6 +171,17 @@ struct UdpSide {
 enum Served {
     Done,
     Stopped,
+}
+
+/// Reads a side once, or with `drain` until nothing more waits there.
+fn read_side(drain: bool, mut read: impl FnMut() -> io::Result<SideRead>) -> io::Result<Served> {
+    loop {
+        match read()? {
+            SideRead::Stopped => return Ok(Served::Stopped),
+            SideRead::Sent if drain => continue,
+            SideRead::Sent | SideRead::Empty => return Ok(Served::Done),
+        }
+    }
 }
 
 fn is_side(token: u64) -> bool {
@@ -182,13 +194,13 @@ const TOKEN_SOCKET: u64 = 2;
 const TOKEN_STOP: u64 = 3;
 const ONE_SHOT_IN: EpollFlags = EpollFlags::EPOLLIN.union(EpollFlags::EPOLLONESHOT);
 
-/// The epoll set the data path's workers share.
+/// The epoll set of the data path, and the sides' buffers.
 struct DataPlane {
     epoll: Epoll,
     /// A side handed to the helper: its token + 1. At most one is
     /// outstanding (see [`Device::data_loop`]).
     help: EventFd,
-    /// The TUN side's buffers. Allocated by the first worker that reads:
+    /// The TUN side's buffers. Allocated by the first thread that reads:
     /// memory a thread allocates comes from its own arena, fresh and
     /// untouched, where the main arena's calloc zeroed (touched) 6 MB of it.
     tun: Mutex<Option<TunReader>>,
@@ -358,19 +370,17 @@ impl Device {
     /// Runs the data path until the returned future is dropped or an I/O
     /// error on the TUN device ends it.
     ///
-    /// Two worker threads wait in one epoll set holding the TUN device and
-    /// the UDP socket, each registered one-shot: an event goes to one
-    /// worker, which handles that side (one read, everything it read sent
-    /// on) and re-arms it, so a side is never handled by two workers at
-    /// once and its packets keep their order, while the two sides run in
-    /// parallel on the two workers under load. A third thread drives the
-    /// timers. Why one set rather than a thread per side: epoll wakes the
-    /// worker that waited last, so the reply to a packet a worker just
-    /// sent wakes that same worker, still warm on its core, where a
-    /// thread of its own for the other side had slept since its last
-    /// packet (docs/ARCHITECTURE.md has the measurements). Dropping the
-    /// future signals the threads (an eventfd in the set, level
-    /// triggered, so every worker sees it) and joins them.
+    /// One worker thread waits in an epoll set holding the TUN device and
+    /// the UDP socket, each registered one-shot: it serves a ready side
+    /// (one read, everything it read sent on) and re-arms it, so a side is
+    /// with one thread at a time and its packets keep their order. When
+    /// both sides are ready it hands one to a helper thread, so under load
+    /// they run in parallel on both cores. A third thread drives the
+    /// timers. Why not a thread per side, or two in the set: a lone
+    /// packet's answer is then served by a thread that slept, and the
+    /// other waiter is woken for nothing (docs/ARCHITECTURE.md has the
+    /// measurements). Dropping the future signals the threads (an eventfd
+    /// in the set and in the helper's poll, never drained) and joins them.
     pub async fn run(self: Arc<Self>) -> io::Result<()> {
         let stop = Arc::new(new_eventfd()?);
         let plane = Arc::new(DataPlane::new(&self, &stop)?);
@@ -476,12 +486,8 @@ impl Device {
             TOKEN_TUN => {
                 let mut reader = plane.tun.lock().unwrap_or_else(|e| e.into_inner());
                 let reader = reader.get_or_insert_with(TunReader::new);
-                loop {
-                    match self.read_tun(reader, stop)? {
-                        SideRead::Stopped => return Ok(Served::Stopped),
-                        SideRead::Sent if drain => continue,
-                        SideRead::Sent | SideRead::Empty => break,
-                    }
+                if let Served::Stopped = read_side(drain, || self.read_tun(reader, stop))? {
+                    return Ok(Served::Stopped);
                 }
                 plane.rearm(self.tun.as_fd(), TOKEN_TUN)?;
             }
@@ -489,12 +495,8 @@ impl Device {
                 let mut side = plane.udp();
                 let UdpSide { bound, buffers } = &mut *side;
                 let buffers = buffers.get_or_insert_with(UdpBuffers::new);
-                loop {
-                    match self.read_udp(bound, buffers, stop)? {
-                        SideRead::Stopped => return Ok(Served::Stopped),
-                        SideRead::Sent if drain => continue,
-                        SideRead::Sent | SideRead::Empty => break,
-                    }
+                if let Served::Stopped = read_side(drain, || self.read_udp(bound, buffers, stop))? {
+                    return Ok(Served::Stopped);
                 }
                 // Under the lock: never re-arms a socket that a change has
                 // just taken out of the set.
@@ -831,7 +833,7 @@ impl std::error::Error for StoppedError {}
 /// The UDP socket and what the data path needs to know of it without a
 /// system call.
 pub struct Bound {
-    /// Non-blocking: the data path's workers wait in epoll.
+    /// Non-blocking: the data path's threads wait in epoll or poll.
     pub socket: std::net::UdpSocket,
     /// The bound port (the kernel's choice when 0 was asked for).
     pub port: u16,
