@@ -173,16 +173,24 @@ enum Served {
     Stopped,
 }
 
-/// Reads a side once, or with `drain` until nothing more waits there.
+/// Reads a side once, or with `drain` until nothing more waits there, at
+/// most [`DRAIN_ROUNDS`] times: then the side goes back to the set, and
+/// the helper to its poll, where a stop reaches it even under a flood.
 fn read_side(drain: bool, mut read: impl FnMut() -> io::Result<SideRead>) -> io::Result<Served> {
-    loop {
+    let rounds = if drain { DRAIN_ROUNDS } else { 1 };
+    for _ in 0..rounds {
         match read()? {
             SideRead::Stopped => return Ok(Served::Stopped),
-            SideRead::Sent if drain => continue,
-            SideRead::Sent | SideRead::Empty => return Ok(Served::Done),
+            SideRead::Sent => continue,
+            SideRead::Empty => break,
         }
     }
+    Ok(Served::Done)
 }
+
+/// Reads the helper makes of a side before handing it back (each up to
+/// 64 KiB from the TUN device, or 32 datagrams).
+const DRAIN_ROUNDS: usize = 64;
 
 fn is_side(token: u64) -> bool {
     token == TOKEN_TUN || token == TOKEN_UDP
@@ -445,7 +453,8 @@ impl Device {
     }
 
     /// The helper: waits for a side the waiting worker hands over under
-    /// load, and serves it until nothing more waits there. While idle it
+    /// load, and serves it until nothing more waits there (or for
+    /// [`DRAIN_ROUNDS`] reads). While idle it
     /// waits outside the set, so a lone packet never wakes it: a ping's
     /// way through the tunnel stays on the one worker (and core), with no
     /// wake-up of a thread that would find nothing.
