@@ -228,7 +228,8 @@ impl DataPlane {
             device.socket_changed.as_fd(),
             EpollEvent::new(ONE_SHOT_IN, TOKEN_SOCKET),
         )?;
-        // Level triggered and never drained: every worker sees it.
+        // Level triggered and never drained: it stays reported however
+        // many other events come first.
         epoll.add(
             stop.as_fd(),
             EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_STOP),
@@ -397,7 +398,13 @@ impl Device {
             handles: Vec::new(),
         };
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
-        for name in ["vane-data", "vane-helper", "vane-timers"] {
+        type Body = fn(&Device, &EventFd, &DataPlane) -> io::Result<()>;
+        let loops: [(&str, Body); 3] = [
+            ("vane-data", |d, stop, plane| d.data_loop(stop, plane)),
+            ("vane-helper", |d, stop, plane| d.helper_loop(stop, plane)),
+            ("vane-timers", |d, stop, _| d.timer_loop(stop)),
+        ];
+        for (name, body) in loops {
             let device = Arc::clone(&self);
             let stop = Arc::clone(&stop);
             let plane = Arc::clone(&plane);
@@ -405,13 +412,9 @@ impl Device {
             let handle = std::thread::Builder::new()
                 .name(name.into())
                 .spawn(move || {
-                    let body = || match name {
-                        "vane-data" => device.data_loop(&stop, &plane),
-                        "vane-helper" => device.helper_loop(&stop, &plane),
-                        _ => device.timer_loop(&stop),
-                    };
-                    let result = std::panic::catch_unwind(AssertUnwindSafe(body))
-                        .unwrap_or_else(|_| Err(io::Error::other(format!("{name} panicked"))));
+                    let result =
+                        std::panic::catch_unwind(AssertUnwindSafe(|| body(&device, &stop, &plane)))
+                            .unwrap_or_else(|_| Err(io::Error::other(format!("{name} panicked"))));
                     let _ = done.send(result);
                 })?;
             threads.handles.push(handle);
