@@ -59,8 +59,8 @@ async fn enrich(mut reply: Reply) -> Reply {
         _ => return reply,
     };
     if status.tunnel.pid.is_some() {
-        let path = crate::uapi_client::socket_path(&status.tunnel.interface);
-        match crate::uapi_client::get(&path, Duration::from_secs(2)).await {
+        let path = crate::tunnel::uapi_client::socket_path(&status.tunnel.interface);
+        match crate::tunnel::uapi_client::get(&path, Duration::from_secs(2)).await {
             Ok(live) => {
                 status.tunnel.listen_port = live.listen_port;
                 status.tunnel.peers = live.peers;

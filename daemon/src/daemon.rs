@@ -22,12 +22,12 @@ use vane_policy::engine::{self, Decision, Desired, Manual, ManualIntent, Probes,
 use vane_policy::reload::{Reloaded, RuleSource};
 
 use crate::control;
-use crate::plan;
+use crate::tunnel::plan;
 use crate::probe::{self, Prober};
 use crate::state::StateStore;
-use crate::supervisor::{Action, Supervisor};
+use crate::tunnel::supervisor::{Action, Supervisor};
 use crate::tunnel::{Plan, Report, Worker};
-use crate::uapi_client::unix_secs;
+use crate::tunnel::uapi_client::unix_secs;
 
 /// How long the tunnel binary's path must be quiet before it is checked
 /// (a rename is one event; a file written in place is many).
@@ -55,7 +55,7 @@ enum WorkerMsg {
     Locals(Vec<ipnet::IpNet>),
     Protect(bool),
     Adopt {
-        found: Box<crate::adopt::Adoptable>,
+        found: Box<crate::tunnel::adopt::Adoptable>,
         generation: u64,
         locals: Vec<ipnet::IpNet>,
         protect: bool,
@@ -140,7 +140,7 @@ pub async fn run(options: Options) -> Result<Exit> {
     // A tunnel process left by an earlier vaned (killed, crashed, or
     // handed over) is adopted when it can be: then what that vaned set up
     // (device, routes, rules, kill switch, DNS) stays as it is.
-    let adoptable = match crate::adopt::find(&plan.ifname).await {
+    let adoptable = match crate::tunnel::adopt::find(&plan.ifname).await {
         Ok(found) => found,
         Err(e) => {
             warn!(interface = %plan.ifname, "cannot adopt the tunnel process left by an earlier vaned: {e:#}; it is stopped and the tunnel starts afresh");
@@ -175,7 +175,7 @@ pub async fn run(options: Options) -> Result<Exit> {
     let mut leftover_device = false;
     if adoptable.is_none() {
         crate::tunnel::stop_orphan(&plan.ifname).await;
-        if let Some(index) = crate::rtnl::link_index(&plan.ifname) {
+        if let Some(index) = crate::net::rtnl::link_index(&plan.ifname) {
             match crate::tunnel::reusable_device(&plan) {
                 Ok(()) => {
                     info!(interface = %plan.ifname, "re-attaching to the interface left by an earlier run");
@@ -183,7 +183,7 @@ pub async fn run(options: Options) -> Result<Exit> {
                 }
                 Err(why) => {
                     warn!(interface = %plan.ifname, "removing the interface left by an earlier run ({why})");
-                    if let Err(e) = crate::rtnl::delete_link(index) {
+                    if let Err(e) = crate::net::rtnl::delete_link(index) {
                         warn!("cannot remove it: {e}");
                     }
                 }
@@ -203,7 +203,7 @@ pub async fn run(options: Options) -> Result<Exit> {
         state_dir,
         applied: false,
     });
-    match crate::killswitch::present() {
+    match crate::net::killswitch::present() {
         Ok(true) if adoptable.is_some() => worker.adopt_stale_kill_switch(),
         Ok(true) => {
             warn!("a kill switch table from an earlier run is in place; the rules decide whether it stays");
@@ -321,7 +321,7 @@ pub async fn run(options: Options) -> Result<Exit> {
         // stops it if the rules now say down.
         let generation = d.supervisor.adopted(Instant::now());
         d.pid = Some(found.pid);
-        d.locals = crate::routing::local_subnets(&d.observer.snapshot());
+        d.locals = crate::net::routing::local_subnets(&d.observer.snapshot());
         let protect = d.protect_wanted();
         d.protect_sent = Some(protect);
         let _ = d.worker.send(WorkerMsg::Adopt {
@@ -335,9 +335,9 @@ pub async fn run(options: Options) -> Result<Exit> {
     d.evaluate();
     if leftover_device && d.supervisor.state() == TunnelState::Down {
         // The rules say down: the device kept for a start goes.
-        if let Some(index) = crate::rtnl::link_index(&d.plan.ifname) {
+        if let Some(index) = crate::net::rtnl::link_index(&d.plan.ifname) {
             info!(interface = %d.plan.ifname, "removing the interface left by an earlier run (the tunnel is not wanted)");
-            if let Err(e) = crate::rtnl::delete_link(index) {
+            if let Err(e) = crate::net::rtnl::delete_link(index) {
                 warn!("cannot remove it: {e}");
             }
         }
@@ -467,7 +467,7 @@ impl Daemon {
     /// Tells the worker the uplinks' subnets when they changed (the full
     /// tunnel's rules and kill switch depend on them).
     fn follow_locals(&mut self) {
-        let locals = crate::routing::local_subnets(&self.observer.snapshot());
+        let locals = crate::net::routing::local_subnets(&self.observer.snapshot());
         if locals != self.locals {
             self.locals = locals.clone();
             let _ = self.worker.send(WorkerMsg::Locals(locals));

@@ -21,19 +21,13 @@ use tracing::warn;
 use vane_observer::{DnsSource, ObserverConfig};
 use vane_policy::reload::RuleSource;
 
-mod adopt;
 mod control;
 mod daemon;
 mod dns;
-mod killswitch;
-mod plan;
+mod net;
 mod probe;
-mod routing;
-mod rtnl;
 mod state;
-mod supervisor;
 mod tunnel;
-mod uapi_client;
 
 const EXIT_CONFIG: u8 = 2;
 /// After a handover (EX_TEMPFAIL: the unit restarts vaned at once).
@@ -116,7 +110,7 @@ fn main() -> ExitCode {
         }
     };
     let binary = args.tunnel_binary.clone().unwrap_or_else(default_binary);
-    let plan = match plan::build(&rules.rules().tunnel, binary.clone()) {
+    let plan = match tunnel::plan::build(&rules.rules().tunnel, binary.clone()) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("vaned: {e}");

@@ -7,7 +7,7 @@ use ipnet::IpNet;
 use vane_policy::rules::TunnelSection;
 use vane_tunnel::config;
 
-use crate::routing::{FullTunnel, DEFAULT_FWMARK};
+use crate::net::routing::{FullTunnel, DEFAULT_FWMARK};
 use crate::tunnel::Plan;
 
 pub const DEFAULT_MTU: u16 = 1420;

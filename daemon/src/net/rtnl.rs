@@ -23,7 +23,7 @@ use netlink_packet_route::route::{
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
-use crate::routing::{Family, Rule, RULE_PROTOCOL};
+use crate::net::routing::{Family, Rule, RULE_PROTOCOL};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use vane_observer::nl80211::{error_code, frames};
 

@@ -125,7 +125,7 @@ pub fn valid_domain(d: &str) -> bool {
 }
 
 fn check(ifname: &str, dns: &TunnelDns) -> Result<(), DnsError> {
-    if !crate::killswitch::valid_ifname(ifname) {
+    if !crate::net::killswitch::valid_ifname(ifname) {
         return Err(DnsError::BadInterface(ifname.to_owned()));
     }
     match dns.search.iter().find(|d| !valid_domain(d)) {
@@ -737,7 +737,7 @@ impl DnsManager {
                 let name = s.trim_end_matches('\n');
                 let valid = name
                     .strip_suffix(".vane")
-                    .is_some_and(crate::killswitch::valid_ifname);
+                    .is_some_and(crate::net::killswitch::valid_ifname);
                 if valid {
                     Ok(Some(name.to_owned()))
                 } else {

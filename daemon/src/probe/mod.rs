@@ -22,7 +22,7 @@ use vane_ctl::proto::ProbeView;
 use vane_policy::engine::{Decision, ProbeResult, Probes, Reason};
 use vane_policy::rules::RuleSet;
 
-use crate::uapi_client::unix_secs;
+use crate::tunnel::uapi_client::unix_secs;
 
 /// The whole probe, from name resolution to the end of the response head,
 /// must fit in this: a captive portal or a firewall that drops the packets

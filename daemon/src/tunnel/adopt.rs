@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use vane_tunnel::model::DeviceConfig;
 
-use crate::uapi_client;
+use crate::tunnel::uapi_client;
 
 /// The descriptor the tunnel's UDP socket has in the tunnel process.
 const UDP_FD: i32 = 3;

@@ -24,11 +24,16 @@ use tracing::{debug, error, info, warn};
 use vane_tunnel::model::DeviceConfig;
 
 use crate::dns;
-use crate::killswitch;
-use crate::routing::{self, FullTunnel, Rule};
-use crate::rtnl;
-use crate::supervisor::Action;
-use crate::uapi_client;
+use crate::net::killswitch;
+use crate::net::routing::{self, FullTunnel, Rule};
+use crate::net::rtnl;
+
+pub mod adopt;
+pub mod plan;
+pub mod supervisor;
+pub mod uapi_client;
+
+use supervisor::Action;
 
 /// A started process's phase (shared by the start and its watcher): who
 /// reports its exit.
@@ -568,7 +573,7 @@ impl Worker {
         let pid = nix::unistd::Pid::from_raw(running.pid as i32);
         let signal = |sig| match &running.pidfd {
             Some(fd) => {
-                let _ = crate::adopt::pidfd_signal(fd, sig);
+                let _ = crate::tunnel::adopt::pidfd_signal(fd, sig);
             }
             None => {
                 let _ = nix::sys::signal::kill(pid, sig);
@@ -586,19 +591,19 @@ impl Worker {
     }
 
     /// Takes over a tunnel process left by an earlier vaned (see
-    /// crate::adopt): it becomes this worker's running process of
+    /// crate::tunnel::adopt): it becomes this worker's running process of
     /// `generation`, and the device, routes, rules, kill switch and DNS in
     /// place are taken as applied. Nothing on the data path is touched
     /// unless its configuration differs from the plan, which is then
     /// applied with `set` (no restart).
     pub async fn adopt(
         &mut self,
-        found: crate::adopt::Adoptable,
+        found: crate::tunnel::adopt::Adoptable,
         generation: u64,
         locals: Vec<IpNet>,
         protect: bool,
     ) {
-        let crate::adopt::Adoptable {
+        let crate::tunnel::adopt::Adoptable {
             pid,
             pidfd,
             socket,
@@ -648,7 +653,7 @@ impl Worker {
             self.sync_kill_switch();
         }
         self.adopt_dns();
-        let diff = crate::adopt::differences(&self.plan.device, &live);
+        let diff = crate::tunnel::adopt::differences(&self.plan.device, &live);
         if diff.is_empty() {
             info!(interface = %self.plan.ifname, pid, generation, "adopted the running tunnel process; its configuration matches, nothing changed");
             return;
@@ -662,7 +667,7 @@ impl Worker {
             // Its exit is reported as a failure: the supervisor restarts it.
             if let Some(r) = &self.running {
                 if let Some(fd) = &r.pidfd {
-                    let _ = crate::adopt::pidfd_signal(fd, nix::sys::signal::Signal::SIGTERM);
+                    let _ = crate::tunnel::adopt::pidfd_signal(fd, nix::sys::signal::Signal::SIGTERM);
                 }
             }
         }
@@ -1077,7 +1082,7 @@ pub fn remove_stale_rules() {
 /// clean slate: the fallback when it cannot be adopted (adopt.rs).
 pub async fn stop_orphan(ifname: &str) {
     let path = uapi_client::socket_path(ifname);
-    let Ok(Some(peer)) = crate::adopt::socket_peer(ifname) else {
+    let Ok(Some(peer)) = crate::tunnel::adopt::socket_peer(ifname) else {
         return;
     };
     let pid = nix::unistd::Pid::from_raw(peer as i32);
