@@ -1,7 +1,7 @@
 //! Full-tunnel routing as plain data: which policy routing rules and which
 //! routes of vane's own table `include_all_networks` needs, and which
 //! destinations stay outside the tunnel. The worker carries these out
-//! through rtnetlink (rtnl.rs); nothing here touches the system.
+//! through rtnetlink ([`super::rtnl`]); nothing here touches the system.
 //!
 //! The scheme is wg-quick's: the tunnel's UDP socket carries a fwmark; the
 //! default routes (IPv4 and IPv6) through the tunnel sit in vane's table;
