@@ -14,7 +14,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
@@ -402,4 +402,11 @@ async fn forward(id: u64, mut events: broadcast::Receiver<Event>, out: mpsc::Sen
             return;
         }
     }
+}
+
+/// Seconds since the Unix epoch: the control protocol's times.
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

@@ -21,13 +21,12 @@ use vane_observer::{Exclusions, Observer, ObserverConfig};
 use vane_policy::engine::{self, Decision, Desired, Manual, ManualIntent, Probes, UserIntent};
 use vane_policy::reload::{Reloaded, RuleSource};
 
-use crate::control;
-use crate::tunnel::plan;
+use crate::control::{self, unix_secs};
 use crate::probe::{self, Prober};
 use crate::state::StateStore;
+use crate::tunnel::plan;
 use crate::tunnel::supervisor::{Action, Supervisor};
 use crate::tunnel::{Plan, Report, Worker};
-use crate::tunnel::uapi_client::unix_secs;
 
 /// How long the tunnel binary's path must be quiet before it is checked
 /// (a rename is one event; a file written in place is many).
@@ -174,9 +173,9 @@ pub async fn run(options: Options) -> Result<Exit> {
     // tunnel to it by name. Otherwise it goes.
     let mut leftover_device = false;
     if adoptable.is_none() {
-        crate::tunnel::stop_orphan(&plan.ifname).await;
+        crate::tunnel::recover::stop_orphan(&plan.ifname).await;
         if let Some(index) = crate::net::rtnl::link_index(&plan.ifname) {
-            match crate::tunnel::reusable_device(&plan) {
+            match crate::tunnel::recover::reusable_device(&plan) {
                 Ok(()) => {
                     info!(interface = %plan.ifname, "re-attaching to the interface left by an earlier run");
                     leftover_device = true;
@@ -189,7 +188,7 @@ pub async fn run(options: Options) -> Result<Exit> {
                 }
             }
         }
-        crate::tunnel::remove_stale_rules();
+        crate::tunnel::recover::remove_stale_rules();
     }
 
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
@@ -483,7 +482,7 @@ impl Daemon {
         let now = Instant::now();
         let snapshot = self.observer.snapshot();
         let net = policy_view(&snapshot);
-        let probes = self.prober.results(&snapshot);
+        let probes = self.prober.results(&snapshot, &net);
         let decision = engine::decide(self.rules.rules(), &net, &self.intent, &probes);
         self.prober.start(
             &decision,

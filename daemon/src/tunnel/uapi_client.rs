@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -202,13 +202,6 @@ pub fn parse_get(reply: &str) -> io::Result<Live> {
     }
 }
 
-/// Seconds since the Unix epoch.
-pub fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,7 +240,9 @@ mod tests {
     fn get_replies_parse_into_peer_status() {
         let c = config();
         let reply = uapi::format_get(&c, 51820, |_| vane_tunnel::model::PeerStats {
-            last_handshake: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            last_handshake: Some(
+                std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            ),
             rx_bytes: 10,
             tx_bytes: 20,
         });
