@@ -8,17 +8,26 @@
 //! gets the very same socket (same port, same mark) as a descriptor. The
 //! tunnel process attaches to the device by name (see vane_tunnel::tun for
 //! why not by descriptor) and runs with no capabilities at all.
+//!
+//! The tunnel's lifecycle, file by file: [`plan`] (what the tunnel should
+//! be, from the rule file and the wg-quick file), [`supervisor`] (the pure
+//! state machine: when to start, restart, back off, stop), this file (the
+//! [`Worker`] that carries the supervisor's actions out: device,
+//! addresses, routes, rules, kill switch, DNS, process), [`process`]
+//! (starting and watching a `vane-tunnel`), [`adopt`] and [`recover`]
+//! (what an earlier vaned left: a tunnel to take over, or leftovers to
+//! repair), [`uapi_client`] (configuring the tunnel through the
+//! userspace API).
 
 use std::io;
 use std::net::UdpSocket;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use tokio::process::{Child, Command};
+
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 use vane_tunnel::model::DeviceConfig;
@@ -30,26 +39,20 @@ use crate::net::rtnl;
 
 pub mod adopt;
 pub mod plan;
+mod process;
+pub mod recover;
 pub mod supervisor;
 pub mod uapi_client;
 
+use process::{
+    file_id, file_id_of, open_exe, preflight, spawn, wait_ready, watch_child, watch_pidfd, LIVE,
+    STARTING,
+};
+use recover::remove_stale_rules;
 use supervisor::Action;
 
-/// A started process's phase (shared by the start and its watcher): who
-/// reports its exit.
-const STARTING: u8 = 0;
-const LIVE: u8 = 1;
-const EXITED_STARTING: u8 = 2;
-
-/// The descriptor number the UDP socket has in the tunnel process.
-const UDP_FD: i32 = 3;
-/// The descriptor number of the readiness pipe's write end in the tunnel
-/// process (`--ready-fd`).
-const READY_FD: i32 = 4;
-/// How long a tunnel process gets to come up and answer.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a tunnel process gets to stop after SIGTERM.
-const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+pub(super) const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 const MAIN_TABLE: u32 = 254;
 
 /// Everything needed to bring the tunnel up.
@@ -112,29 +115,6 @@ struct Running {
     /// for a 20 MB binary, all of it added to the replacement's traffic
     /// gap. Held here, the old file is freed after the successor runs.
     exe: Option<std::fs::File>,
-}
-
-/// A file's identity: device and inode.
-fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
-fn file_id_of(file: &std::fs::File) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    file.metadata().ok().map(|m| (m.dev(), m.ino()))
-}
-
-/// Opens the executable a process runs (the very file, even when a new
-/// one has been renamed over its path since).
-fn open_exe(pid: u32) -> Option<std::fs::File> {
-    match std::fs::File::open(format!("/proc/{pid}/exe")) {
-        Ok(f) => Some(f),
-        Err(e) => {
-            debug!(pid, "cannot hold the tunnel's executable open: {e}");
-            None
-        }
-    }
 }
 
 pub struct Worker {
@@ -667,7 +647,8 @@ impl Worker {
             // Its exit is reported as a failure: the supervisor restarts it.
             if let Some(r) = &self.running {
                 if let Some(fd) = &r.pidfd {
-                    let _ = crate::tunnel::adopt::pidfd_signal(fd, nix::sys::signal::Signal::SIGTERM);
+                    let _ =
+                        crate::tunnel::adopt::pidfd_signal(fd, nix::sys::signal::Signal::SIGTERM);
                 }
             }
         }
@@ -752,357 +733,5 @@ impl Worker {
         }
         self.socket = None;
         debug!(interface = %self.plan.ifname, "tunnel down");
-    }
-}
-
-/// Starts `vane-tunnel --foreground IFNAME --attach --udp-fd 3
-/// --ready-fd 4` with the socket as descriptor 3, the write end of a
-/// readiness pipe as 4, and no capabilities: the bounding set emptied,
-/// SECBIT_NOROOT so uid 0 gains none at exec, and no_new_privs. Returns the
-/// child and the pipe's read end.
-fn spawn(
-    plan: &Plan,
-    socket: &UdpSocket,
-    exe: Option<&std::fs::File>,
-) -> io::Result<(Child, OwnedFd)> {
-    // Copies numbered above the targets, so that neither dup2 below can
-    // overwrite the other's source (close-on-exec: only the dup2 copies
-    // reach the tunnel).
-    let above = |fd: &dyn AsRawFd| -> io::Result<OwnedFd> {
-        let raw = nix::fcntl::fcntl(
-            // SAFETY: borrowed for the call only; the owner outlives it.
-            unsafe { std::os::fd::BorrowedFd::borrow_raw(fd.as_raw_fd()) },
-            nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(READY_FD + 1),
-        )?;
-        // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor we own.
-        Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) })
-    };
-    let udp = above(socket)?;
-    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let ready = above(&write_end)?;
-    drop(write_end);
-    let mut cmd = match exe {
-        // The kernel opens the path at exec, before close-on-exec
-        // descriptors close; argv[0] stays the binary's path, as adoption
-        // checks it.
-        Some(f) => {
-            let mut c = Command::new(format!("/proc/self/fd/{}", f.as_raw_fd()));
-            c.arg0(&plan.binary);
-            c
-        }
-        None => Command::new(&plan.binary),
-    };
-    cmd.arg("--foreground")
-        .arg(&plan.ifname)
-        .arg("--attach")
-        .arg("--udp-fd")
-        .arg(UDP_FD.to_string())
-        .arg("--ready-fd")
-        .arg(READY_FD.to_string())
-        .stdin(Stdio::null())
-        .kill_on_drop(false);
-    let (udp_raw, ready_raw) = (udp.as_raw_fd(), ready.as_raw_fd());
-    // SAFETY: the closure runs in the child between fork and exec and only
-    // makes async-signal-safe system calls (dup2, prctl).
-    unsafe {
-        cmd.pre_exec(move || {
-            // dup2's copies are not close-on-exec.
-            if libc::dup2(udp_raw, UDP_FD) < 0 || libc::dup2(ready_raw, READY_FD) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            drop_privileges()
-        });
-    }
-    let child = cmd.spawn()?;
-    // Only the child holds the write end now: the pipe ends when it
-    // reports or exits.
-    drop((udp, ready));
-    Ok((child, read_end))
-}
-
-/// Runs `BINARY --version` as a tunnel process would run (no privileges,
-/// 5 s at most): a binary that cannot even do that (truncated, another
-/// architecture, missing libraries, not vane-tunnel) is not one to move a
-/// working tunnel to.
-async fn preflight(binary: &std::path::Path) -> Result<(), String> {
-    let mut cmd = Command::new(binary);
-    cmd.arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    // SAFETY: as in `spawn`: only prctl calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(drop_privileges);
-    }
-    let output = match tokio::time::timeout(Duration::from_secs(5), cmd.output()).await {
-        Err(_) => {
-            return Err(format!(
-                "{} --version did not finish in 5 s",
-                binary.display()
-            ))
-        }
-        Ok(Err(e)) => return Err(format!("cannot run {}: {e}", binary.display())),
-        Ok(Ok(o)) => o,
-    };
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let why = stderr.lines().next().unwrap_or_default();
-        return Err(format!(
-            "{} --version failed ({}){}{why}",
-            binary.display(),
-            output.status,
-            if why.is_empty() { "" } else { ": " }
-        ));
-    }
-    if !stdout.starts_with("vane-tunnel ") {
-        return Err(format!(
-            "{} is not vane-tunnel (--version printed {:?})",
-            binary.display(),
-            stdout.lines().next().unwrap_or_default()
-        ));
-    }
-    Ok(())
-}
-
-/// Waits for the tunnel to report through its readiness pipe: one NUL
-/// byte once its device is attached and its userspace API listens, the
-/// reason otherwise; the pipe's end without a report means it exited.
-async fn wait_ready(read_end: OwnedFd) -> anyhow::Result<()> {
-    use tokio::io::AsyncReadExt as _;
-    let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(read_end)?;
-    let mut report = Vec::new();
-    // At most 4 KiB of reason; the tunnel closes the pipe after reporting.
-    let read = async {
-        let mut limited = (&mut pipe).take(4096);
-        limited.read_to_end(&mut report).await
-    };
-    match tokio::time::timeout(START_TIMEOUT, read).await {
-        Err(_) => anyhow::bail!("vane-tunnel was not ready within {START_TIMEOUT:?}"),
-        Ok(Err(e)) => anyhow::bail!("reading vane-tunnel's readiness: {e}"),
-        Ok(Ok(_)) => {}
-    }
-    match report.as_slice() {
-        [0] => Ok(()),
-        [] => anyhow::bail!("vane-tunnel exited while starting"),
-        reason => anyhow::bail!("vane-tunnel: {}", String::from_utf8_lossy(reason).trim()),
-    }
-}
-
-/// In the child before exec: no capability can survive the exec.
-fn drop_privileges() -> io::Result<()> {
-    const SECBIT_NOROOT: libc::c_ulong = 1 << 0;
-    const SECBIT_NOROOT_LOCKED: libc::c_ulong = 1 << 1;
-    const SECBIT_NO_SETUID_FIXUP: libc::c_ulong = 1 << 2;
-    const SECBIT_NO_SETUID_FIXUP_LOCKED: libc::c_ulong = 1 << 3;
-    // SAFETY: plain prctl calls with integer arguments.
-    unsafe {
-        for cap in 0..64 {
-            // EINVAL past the last capability the kernel knows: done.
-            if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) < 0 {
-                if io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
-                    break;
-                }
-                return Err(io::Error::last_os_error());
-            }
-        }
-        if libc::prctl(
-            libc::PR_SET_SECUREBITS,
-            SECBIT_NOROOT
-                | SECBIT_NOROOT_LOCKED
-                | SECBIT_NO_SETUID_FIXUP
-                | SECBIT_NO_SETUID_FIXUP_LOCKED,
-            0,
-            0,
-            0,
-        ) < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-async fn watch_child(
-    mut child: Child,
-    generation: u64,
-    mut expected: oneshot::Receiver<()>,
-    exited: watch::Sender<bool>,
-    reports: mpsc::UnboundedSender<Report>,
-    phase: std::sync::Arc<AtomicU8>,
-) {
-    let status = child.wait().await;
-    exited.send_replace(true);
-    if expected.try_recv().is_ok() {
-        return;
-    }
-    if phase
-        .compare_exchange(
-            STARTING,
-            EXITED_STARTING,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        )
-        .is_ok()
-    {
-        // Still starting: the start reports it.
-        debug!(generation, "vane-tunnel exited while starting: {status:?}");
-        return;
-    }
-    let error = match status {
-        Ok(s) => format!("vane-tunnel exited ({s})"),
-        Err(e) => format!("cannot wait for vane-tunnel: {e}"),
-    };
-    warn!(generation, "{error}");
-    let _ = reports.send(Report::Failed { generation, error });
-}
-
-/// Watches a process that is not our child (adopted) through its pidfd,
-/// which becomes readable when it exits.
-async fn watch_pidfd(
-    pidfd: std::sync::Arc<OwnedFd>,
-    generation: u64,
-    mut expected: oneshot::Receiver<()>,
-    exited: watch::Sender<bool>,
-    reports: mpsc::UnboundedSender<Report>,
-) {
-    let register = |fd: OwnedFd| {
-        // SAFETY: the AsyncFd owns this descriptor (a copy of the pidfd)
-        // and nothing else closes or replaces it while it is registered.
-        unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-        }
-        .map_err(io::Error::from)
-    };
-    let result = match pidfd.try_clone().and_then(register) {
-        Ok(fd) => fd.readable().await.map(|_| ()),
-        Err(e) => Err(e),
-    };
-    exited.send_replace(true);
-    if expected.try_recv().is_ok() {
-        return;
-    }
-    let error = match result {
-        Ok(()) => "the adopted vane-tunnel exited".to_owned(),
-        Err(e) => format!("cannot watch the adopted vane-tunnel: {e}"),
-    };
-    warn!(generation, "{error}");
-    let _ = reports.send(Report::Failed { generation, error });
-}
-
-/// Whether the device an earlier run left (both processes gone) can be
-/// re-attached as it is: a TUN device with the virtio-net header, no
-/// process attached (no carrier), owned by this uid, with the plan's MTU
-/// and exactly the plan's addresses (IPv6 link-local aside). Then its addresses and routes stay, and the next
-/// start attaches a new tunnel process to it by name; anything else is
-/// deleted and made afresh.
-pub fn reusable_device(plan: &Plan) -> Result<(), String> {
-    const IFF_TUN: u32 = 0x0001;
-    const IFF_VNET_HDR: u32 = 0x4000;
-    let sys = |attr: &str| {
-        std::fs::read_to_string(format!("/sys/class/net/{}/{attr}", plan.ifname))
-            .map(|s| s.trim().to_owned())
-            .map_err(|e| format!("{attr}: {e}"))
-    };
-    let flags = sys("tun_flags")?;
-    let flags = u32::from_str_radix(flags.trim_start_matches("0x"), 16)
-        .map_err(|_| format!("tun_flags {flags:?}"))?;
-    if flags & IFF_TUN == 0 || flags & IFF_VNET_HDR == 0 {
-        return Err(format!(
-            "not a TUN device with the virtio-net header (flags {flags:#x})"
-        ));
-    }
-    // A queue attached means a process still holds it (one vaned cannot
-    // see: its userspace API socket is gone): deleting the device is what
-    // stops it from using it.
-    if sys("carrier").is_ok_and(|c| c == "1") {
-        return Err("a process is still attached to it".into());
-    }
-    let owner = sys("owner")?;
-    if owner != nix::unistd::geteuid().as_raw().to_string() {
-        return Err(format!("owned by {owner}"));
-    }
-    let mtu = sys("mtu")?;
-    if mtu != plan.mtu.to_string() {
-        return Err(format!("MTU {mtu}, not {}", plan.mtu));
-    }
-    let mut have: Vec<IpNet> = Vec::new();
-    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("getifaddrs: {e}"))?;
-    for a in addrs.filter(|a| a.interface_name == plan.ifname) {
-        let (Some(addr), Some(mask)) = (a.address, a.netmask) else {
-            continue;
-        };
-        let net = if let (Some(ip), Some(m)) = (addr.as_sockaddr_in(), mask.as_sockaddr_in()) {
-            IpNet::new(ip.ip().into(), m.ip().to_bits().count_ones() as u8)
-        } else if let (Some(ip), Some(m)) = (addr.as_sockaddr_in6(), mask.as_sockaddr_in6()) {
-            if ip.ip().is_unicast_link_local() {
-                continue;
-            }
-            IpNet::new(ip.ip().into(), m.ip().to_bits().count_ones() as u8)
-        } else {
-            continue;
-        };
-        have.extend(net.ok());
-    }
-    let mut want = plan.addresses.clone();
-    have.sort();
-    want.sort();
-    if have != want {
-        return Err(format!("addresses {have:?}, not {want:?}"));
-    }
-    Ok(())
-}
-
-/// Removes every rule vane may have left (a crash, a failed removal).
-pub fn remove_stale_rules() {
-    for family in [routing::Family::V4, routing::Family::V6] {
-        for priority in routing::PRIORITIES {
-            match rtnl::delete_vane_rules(family, priority) {
-                Ok(0) => {}
-                Ok(n) => info!(
-                    ?family,
-                    priority, "removed {n} policy routing rule(s) left by an earlier run"
-                ),
-                Err(e) => warn!(
-                    ?family,
-                    priority, "cannot remove vane's policy routing rules: {e}"
-                ),
-            }
-        }
-    }
-}
-
-/// A tunnel process left running by a vaned that died (its children
-/// outlive it): found by its userspace API socket, identified by the
-/// socket's peer credentials, and stopped, so the new vaned starts from a
-/// clean slate: the fallback when it cannot be adopted (adopt.rs).
-pub async fn stop_orphan(ifname: &str) {
-    let path = uapi_client::socket_path(ifname);
-    let Ok(Some(peer)) = crate::tunnel::adopt::socket_peer(ifname) else {
-        return;
-    };
-    let pid = nix::unistd::Pid::from_raw(peer as i32);
-    warn!(interface = %ifname, pid = peer, "stopping the tunnel process left by an earlier vaned");
-    let gone = || std::os::unix::net::UnixStream::connect(&path).is_err();
-    for signal in [
-        nix::sys::signal::Signal::SIGTERM,
-        nix::sys::signal::Signal::SIGKILL,
-    ] {
-        let _ = nix::sys::signal::kill(pid, signal);
-        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
-        while !gone() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        if gone() {
-            break;
-        }
-    }
-    // A SIGKILLed tunnel could not remove its socket.
-    if gone() {
-        let _ = std::fs::remove_file(&path);
     }
 }

@@ -1,6 +1,6 @@
 //! The tunnel supervisor's state machine: plain data in, actions out, time
-//! passed in. The shell (`tunnel.rs`, `daemon.rs`) performs the actions
-//! and feeds back what happened.
+//! passed in. The shell (the worker in `tunnel/mod.rs`, the loop in
+//! `daemon.rs`) performs the actions and feeds back what happened.
 //!
 //! - `want(true)` from Down starts the tunnel; `want(false)` stops it from
 //!   any state.

@@ -1,0 +1,294 @@
+//! The tunnel process: starting `vane-tunnel` with the UDP socket and a
+//! readiness pipe as descriptors and no privileges ([`spawn`]), trying a
+//! new binary first ([`preflight`]), waiting for it to report ready
+//! ([`wait_ready`]), and watching it until it exits, as our child
+//! ([`watch_child`]) or, adopted, through its pidfd ([`watch_pidfd`]).
+
+use std::io;
+use std::net::UdpSocket;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, warn};
+
+use super::{Plan, Report};
+
+/// A started process's phase (shared by the start and its watcher): who
+/// reports its exit.
+pub(super) const STARTING: u8 = 0;
+pub(super) const LIVE: u8 = 1;
+pub(super) const EXITED_STARTING: u8 = 2;
+
+/// The descriptor number the UDP socket has in the tunnel process.
+pub(super) const UDP_FD: i32 = 3;
+/// The descriptor number of the readiness pipe's write end in the tunnel
+/// process (`--ready-fd`).
+pub(super) const READY_FD: i32 = 4;
+/// How long a tunnel process gets to come up and answer.
+pub(super) const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A file's identity: device and inode.
+pub(super) fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+pub(super) fn file_id_of(file: &std::fs::File) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    file.metadata().ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Opens the executable a process runs (the very file, even when a new
+/// one has been renamed over its path since).
+pub(super) fn open_exe(pid: u32) -> Option<std::fs::File> {
+    match std::fs::File::open(format!("/proc/{pid}/exe")) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            debug!(pid, "cannot hold the tunnel's executable open: {e}");
+            None
+        }
+    }
+}
+
+/// Starts `vane-tunnel --foreground IFNAME --attach --udp-fd 3
+/// --ready-fd 4` with the socket as descriptor 3, the write end of a
+/// readiness pipe as 4, and no capabilities: the bounding set emptied,
+/// SECBIT_NOROOT so uid 0 gains none at exec, and no_new_privs. Returns the
+/// child and the pipe's read end.
+pub(super) fn spawn(
+    plan: &Plan,
+    socket: &UdpSocket,
+    exe: Option<&std::fs::File>,
+) -> io::Result<(Child, OwnedFd)> {
+    // Copies numbered above the targets, so that neither dup2 below can
+    // overwrite the other's source (close-on-exec: only the dup2 copies
+    // reach the tunnel).
+    let above = |fd: &dyn AsRawFd| -> io::Result<OwnedFd> {
+        let raw = nix::fcntl::fcntl(
+            // SAFETY: borrowed for the call only; the owner outlives it.
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(fd.as_raw_fd()) },
+            nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(READY_FD + 1),
+        )?;
+        // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor we own.
+        Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) })
+    };
+    let udp = above(socket)?;
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let ready = above(&write_end)?;
+    drop(write_end);
+    let mut cmd = match exe {
+        // The kernel opens the path at exec, before close-on-exec
+        // descriptors close; argv[0] stays the binary's path, as adoption
+        // checks it.
+        Some(f) => {
+            let mut c = Command::new(format!("/proc/self/fd/{}", f.as_raw_fd()));
+            c.arg0(&plan.binary);
+            c
+        }
+        None => Command::new(&plan.binary),
+    };
+    cmd.arg("--foreground")
+        .arg(&plan.ifname)
+        .arg("--attach")
+        .arg("--udp-fd")
+        .arg(UDP_FD.to_string())
+        .arg("--ready-fd")
+        .arg(READY_FD.to_string())
+        .stdin(Stdio::null())
+        .kill_on_drop(false);
+    let (udp_raw, ready_raw) = (udp.as_raw_fd(), ready.as_raw_fd());
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // makes async-signal-safe system calls (dup2, prctl).
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2's copies are not close-on-exec.
+            if libc::dup2(udp_raw, UDP_FD) < 0 || libc::dup2(ready_raw, READY_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            drop_privileges()
+        });
+    }
+    let child = cmd.spawn()?;
+    // Only the child holds the write end now: the pipe ends when it
+    // reports or exits.
+    drop((udp, ready));
+    Ok((child, read_end))
+}
+
+/// Runs `BINARY --version` as a tunnel process would run (no privileges,
+/// 5 s at most): a binary that cannot even do that (truncated, another
+/// architecture, missing libraries, not vane-tunnel) is not one to move a
+/// working tunnel to.
+pub(super) async fn preflight(binary: &std::path::Path) -> Result<(), String> {
+    let mut cmd = Command::new(binary);
+    cmd.arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // SAFETY: as in `spawn`: only prctl calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(drop_privileges);
+    }
+    let output = match tokio::time::timeout(Duration::from_secs(5), cmd.output()).await {
+        Err(_) => {
+            return Err(format!(
+                "{} --version did not finish in 5 s",
+                binary.display()
+            ))
+        }
+        Ok(Err(e)) => return Err(format!("cannot run {}: {e}", binary.display())),
+        Ok(Ok(o)) => o,
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let why = stderr.lines().next().unwrap_or_default();
+        return Err(format!(
+            "{} --version failed ({}){}{why}",
+            binary.display(),
+            output.status,
+            if why.is_empty() { "" } else { ": " }
+        ));
+    }
+    if !stdout.starts_with("vane-tunnel ") {
+        return Err(format!(
+            "{} is not vane-tunnel (--version printed {:?})",
+            binary.display(),
+            stdout.lines().next().unwrap_or_default()
+        ));
+    }
+    Ok(())
+}
+
+/// Waits for the tunnel to report through its readiness pipe: one NUL
+/// byte once its device is attached and its userspace API listens, the
+/// reason otherwise; the pipe's end without a report means it exited.
+pub(super) async fn wait_ready(read_end: OwnedFd) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt as _;
+    let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(read_end)?;
+    let mut report = Vec::new();
+    // At most 4 KiB of reason; the tunnel closes the pipe after reporting.
+    let read = async {
+        let mut limited = (&mut pipe).take(4096);
+        limited.read_to_end(&mut report).await
+    };
+    match tokio::time::timeout(START_TIMEOUT, read).await {
+        Err(_) => anyhow::bail!("vane-tunnel was not ready within {START_TIMEOUT:?}"),
+        Ok(Err(e)) => anyhow::bail!("reading vane-tunnel's readiness: {e}"),
+        Ok(Ok(_)) => {}
+    }
+    match report.as_slice() {
+        [0] => Ok(()),
+        [] => anyhow::bail!("vane-tunnel exited while starting"),
+        reason => anyhow::bail!("vane-tunnel: {}", String::from_utf8_lossy(reason).trim()),
+    }
+}
+
+/// In the child before exec: no capability can survive the exec.
+pub(super) fn drop_privileges() -> io::Result<()> {
+    const SECBIT_NOROOT: libc::c_ulong = 1 << 0;
+    const SECBIT_NOROOT_LOCKED: libc::c_ulong = 1 << 1;
+    const SECBIT_NO_SETUID_FIXUP: libc::c_ulong = 1 << 2;
+    const SECBIT_NO_SETUID_FIXUP_LOCKED: libc::c_ulong = 1 << 3;
+    // SAFETY: plain prctl calls with integer arguments.
+    unsafe {
+        for cap in 0..64 {
+            // EINVAL past the last capability the kernel knows: done.
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) < 0 {
+                if io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                    break;
+                }
+                return Err(io::Error::last_os_error());
+            }
+        }
+        if libc::prctl(
+            libc::PR_SET_SECUREBITS,
+            SECBIT_NOROOT
+                | SECBIT_NOROOT_LOCKED
+                | SECBIT_NO_SETUID_FIXUP
+                | SECBIT_NO_SETUID_FIXUP_LOCKED,
+            0,
+            0,
+            0,
+        ) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn watch_child(
+    mut child: Child,
+    generation: u64,
+    mut expected: oneshot::Receiver<()>,
+    exited: watch::Sender<bool>,
+    reports: mpsc::UnboundedSender<Report>,
+    phase: std::sync::Arc<AtomicU8>,
+) {
+    let status = child.wait().await;
+    exited.send_replace(true);
+    if expected.try_recv().is_ok() {
+        return;
+    }
+    if phase
+        .compare_exchange(
+            STARTING,
+            EXITED_STARTING,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
+        .is_ok()
+    {
+        // Still starting: the start reports it.
+        debug!(generation, "vane-tunnel exited while starting: {status:?}");
+        return;
+    }
+    let error = match status {
+        Ok(s) => format!("vane-tunnel exited ({s})"),
+        Err(e) => format!("cannot wait for vane-tunnel: {e}"),
+    };
+    warn!(generation, "{error}");
+    let _ = reports.send(Report::Failed { generation, error });
+}
+
+/// Watches a process that is not our child (adopted) through its pidfd,
+/// which becomes readable when it exits.
+pub(super) async fn watch_pidfd(
+    pidfd: std::sync::Arc<OwnedFd>,
+    generation: u64,
+    mut expected: oneshot::Receiver<()>,
+    exited: watch::Sender<bool>,
+    reports: mpsc::UnboundedSender<Report>,
+) {
+    let register = |fd: OwnedFd| {
+        // SAFETY: the AsyncFd owns this descriptor (a copy of the pidfd)
+        // and nothing else closes or replaces it while it is registered.
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(io::Error::from)
+    };
+    let result = match pidfd.try_clone().and_then(register) {
+        Ok(fd) => fd.readable().await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    exited.send_replace(true);
+    if expected.try_recv().is_ok() {
+        return;
+    }
+    let error = match result {
+        Ok(()) => "the adopted vane-tunnel exited".to_owned(),
+        Err(e) => format!("cannot watch the adopted vane-tunnel: {e}"),
+    };
+    warn!(generation, "{error}");
+    let _ = reports.send(Report::Failed { generation, error });
+}
