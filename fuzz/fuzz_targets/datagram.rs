@@ -25,7 +25,7 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use libfuzzer_sys::fuzz_target;
 use vane_tunnel::batch::{open_datagram, Opened};
-use vane_tunnel::device::Counters;
+use vane_tunnel::batch::Counters;
 use vane_tunnel::model::{DeviceConfig, Key, PeerConfig};
 use vane_tunnel::peers::PeerTable;
 

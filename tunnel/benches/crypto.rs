@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use boringtun::noise::TunnResult;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use vane_tunnel::batch::Counters;
 use vane_tunnel::batch::{encapsulate_packets, open_datagram, Opened, SendBatch};
-use vane_tunnel::device::Counters;
 use vane_tunnel::model::{DeviceConfig, Key, PeerConfig};
 use vane_tunnel::peers::{Peer, PeerTable};
 

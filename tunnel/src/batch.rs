@@ -7,6 +7,7 @@
 //! (`tunnel/benches/crypto.rs`) without sockets or a TUN device.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, MutexGuard};
 
 use boringtun::noise::errors::WireGuardError;
@@ -14,9 +15,48 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use tracing::{debug, trace};
 
-use crate::device::Counters;
 use crate::model::PeerName;
 use crate::peers::{Peer, PeerState, PeerTable};
+
+/// Counters of what was dropped and why, for the log and for tests.
+#[derive(Default)]
+pub struct Counters {
+    /// Datagrams that are not WireGuard messages, fail authentication or
+    /// replay protection, or carry a packet shorter than its IP header.
+    pub invalid_datagrams: AtomicU64,
+    /// Datagrams for no known peer (unknown index or static key).
+    pub unknown_peer: AtomicU64,
+    /// Decrypted packets whose inner source is not in the peer's AllowedIPs.
+    pub source_not_allowed: AtomicU64,
+    /// Packets from the TUN device with no peer for their destination.
+    pub no_route: AtomicU64,
+    /// Packets for a peer with no known endpoint.
+    pub no_endpoint: AtomicU64,
+    /// Cookie replies sent because of handshake load.
+    pub cookies_sent: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Display for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        write!(
+            f,
+            "invalid datagrams {}, unknown peer {}, inner source not allowed {}, no route {}, no endpoint {}, cookies sent {}",
+            get(&self.invalid_datagrams),
+            get(&self.unknown_peer),
+            get(&self.source_not_allowed),
+            get(&self.no_route),
+            get(&self.no_endpoint),
+            get(&self.cookies_sent)
+        )
+    }
+}
 
 /// The most UDP payload one GSO send may carry: the UDP length field is 16
 /// bits, and the IPv4 header comes out of it too (65,535 - 20 - 8).

@@ -12,7 +12,6 @@ use std::io::{self, IoSliceMut};
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::AsFd;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -24,7 +23,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{debug, trace, warn};
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
-use crate::batch::{encapsulate_packets, open_datagram, Opened, SendBatch};
+use crate::batch::{encapsulate_packets, open_datagram, Counters, Opened, SendBatch};
 use crate::model::{DeviceConfig, Key, PeerName};
 use crate::peers::{Peer, PeerTable};
 use crate::uapi::{self, UapiError};
@@ -45,46 +44,6 @@ const SEND_BATCH_BYTES: usize = 256 * 1024;
 const TUN_WRITE_BATCH: usize = 64;
 /// How often boringtun's timers are driven (as boringtun's own device does).
 const TIMER_TICK: Duration = Duration::from_millis(250);
-
-/// Counters of what was dropped and why, for the log and for tests.
-#[derive(Default)]
-pub struct Counters {
-    /// Datagrams that are not WireGuard messages, fail authentication or
-    /// replay protection, or carry a packet shorter than its IP header.
-    pub invalid_datagrams: AtomicU64,
-    /// Datagrams for no known peer (unknown index or static key).
-    pub unknown_peer: AtomicU64,
-    /// Decrypted packets whose inner source is not in the peer's AllowedIPs.
-    pub source_not_allowed: AtomicU64,
-    /// Packets from the TUN device with no peer for their destination.
-    pub no_route: AtomicU64,
-    /// Packets for a peer with no known endpoint.
-    pub no_endpoint: AtomicU64,
-    /// Cookie replies sent because of handshake load.
-    pub cookies_sent: AtomicU64,
-}
-
-impl Counters {
-    pub(crate) fn bump(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-impl std::fmt::Display for Counters {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        write!(
-            f,
-            "invalid datagrams {}, unknown peer {}, inner source not allowed {}, no route {}, no endpoint {}, cookies sent {}",
-            get(&self.invalid_datagrams),
-            get(&self.unknown_peer),
-            get(&self.source_not_allowed),
-            get(&self.no_route),
-            get(&self.no_endpoint),
-            get(&self.cookies_sent)
-        )
-    }
-}
 
 /// The state a configuration change replaces as a whole.
 struct Active {
