@@ -41,7 +41,7 @@ use vane_e2e::vaned::{Lab, Vaned};
 
 const PORT: u16 = 7788;
 const RECOVERY: Duration = Duration::from_secs(10);
-/// The supervisor's stable run (daemon/src/supervisor.rs STABLE) and a
+/// The supervisor's stable run (daemon/src/tunnel/supervisor.rs STABLE) and a
 /// margin.
 const SPACING: Duration = Duration::from_millis(5_300);
 /// Between upgrades (which are not failures).
