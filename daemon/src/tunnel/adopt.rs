@@ -23,10 +23,8 @@ use std::time::Duration;
 
 use vane_tunnel::model::DeviceConfig;
 
-use crate::tunnel::uapi_client;
-
-/// The descriptor the tunnel's UDP socket has in the tunnel process.
-const UDP_FD: i32 = 3;
+use super::process::UDP_FD;
+use super::uapi_client;
 
 /// A running tunnel process found at start, ready to be adopted.
 #[derive(Debug)]
