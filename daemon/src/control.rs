@@ -10,26 +10,32 @@
 //! and SO_PEERGROUPS): anyone who can connect may read; root or a member
 //! of the socket's group may change state.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, warn};
 use vane_ctl::proto::{
     self, ClientMessage, Command, ErrorCode, Event, Hello, ProtoError, Reply, ServerMessage,
     MAX_LINE, PROTOCOL_VERSION,
 };
 
-/// Connections served at once; more are answered with an error and closed.
+/// Connections of users other than root served at once; more are answered
+/// with an error and closed. Root is always served.
 pub const MAX_CLIENTS: usize = 64;
-/// A client has this long to say hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections one user other than root may hold at once, so that one
+/// user cannot take every place.
+pub const MAX_PER_UID: usize = 8;
+/// A client has this long to say hello (vanectl says it at once): a
+/// connection that says nothing gives its place back quickly.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 /// The daemon answers a request within this, or the client gets `failed`.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Lines queued for one client before its writer applies backpressure.
@@ -100,9 +106,73 @@ pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> io::Result<UnixListen
     Ok(listener)
 }
 
+/// Who holds a place on the control socket: plain bookkeeping, tested
+/// without sockets. Root is always admitted and counted nowhere; every
+/// other uid may hold [`MAX_PER_UID`] places, and all of them together
+/// [`MAX_CLIENTS`].
+#[derive(Debug, Default)]
+pub struct Admission {
+    per_uid: HashMap<u32, usize>,
+    others: usize,
+}
+
+impl Admission {
+    /// Takes a place for `uid` (`None`: credentials unknown, counted as an
+    /// unprivileged user of its own), or says why not.
+    pub fn admit(&mut self, uid: Option<u32>) -> Result<(), String> {
+        let uid = match uid {
+            Some(0) => return Ok(()),
+            Some(uid) => uid,
+            None => u32::MAX,
+        };
+        let held = self.per_uid.get(&uid).copied().unwrap_or(0);
+        if held >= MAX_PER_UID {
+            return Err(format!(
+                "too many clients of uid {uid} (at most {MAX_PER_UID} at once)"
+            ));
+        }
+        if self.others >= MAX_CLIENTS {
+            return Err(format!("too many clients (at most {MAX_CLIENTS})"));
+        }
+        *self.per_uid.entry(uid).or_default() += 1;
+        self.others += 1;
+        Ok(())
+    }
+
+    /// Gives back a place [`admit`](Self::admit) took for `uid`.
+    pub fn release(&mut self, uid: Option<u32>) {
+        let uid = match uid {
+            Some(0) => return,
+            Some(uid) => uid,
+            None => u32::MAX,
+        };
+        if let Some(n) = self.per_uid.get_mut(&uid) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_uid.remove(&uid);
+            }
+            self.others -= 1;
+        }
+    }
+}
+
+/// A place held for a connection, given back when the connection ends.
+struct Place {
+    admission: Arc<Mutex<Admission>>,
+    uid: Option<u32>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if let Ok(mut a) = self.admission.lock() {
+            a.release(self.uid);
+        }
+    }
+}
+
 /// Accepts connections until the listener fails.
 pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let admission = Arc::new(Mutex::new(Admission::default()));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -113,24 +183,34 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        match Arc::clone(&slots).try_acquire_owned() {
-            Ok(permit) => {
+        let uid = stream.peer_cred().ok().map(|c| c.uid());
+        let admitted = match admission.lock() {
+            Ok(mut a) => a.admit(uid),
+            Err(_) => Err("internal error".to_owned()),
+        };
+        match admitted {
+            Ok(()) => {
+                let place = Place {
+                    admission: Arc::clone(&admission),
+                    uid,
+                };
                 let shared = Arc::clone(&shared);
                 tokio::spawn(async move {
                     if let Err(e) = connection(stream, shared).await {
                         debug!("control connection ended: {e}");
                     }
-                    drop(permit);
+                    drop(place);
                 });
             }
-            Err(_) => {
+            Err(message) => {
+                debug!(?uid, "control connection refused: {message}");
                 tokio::spawn(async move {
                     let mut s = stream;
                     let line = proto::encode(&ServerMessage::Error {
                         id: 0,
                         error: ProtoError {
                             code: ErrorCode::Failed,
-                            message: format!("too many clients (at most {MAX_CLIENTS})"),
+                            message,
                         },
                     });
                     let _ = tokio::time::timeout(Duration::from_secs(1), s.write_all(&line)).await;
@@ -409,4 +489,58 @@ pub fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_is_always_admitted_and_one_user_cannot_take_every_place() {
+        let mut a = Admission::default();
+        for _ in 0..MAX_PER_UID {
+            a.admit(Some(1000)).unwrap();
+        }
+        let e = a.admit(Some(1000)).unwrap_err();
+        assert!(e.contains("uid 1000"), "{e}");
+        // Another user still gets in, and root always does.
+        a.admit(Some(1001)).unwrap();
+        for _ in 0..1000 {
+            a.admit(Some(0)).unwrap();
+        }
+        // A place given back can be taken again.
+        a.release(Some(1000));
+        a.admit(Some(1000)).unwrap();
+    }
+
+    #[test]
+    fn users_together_are_bounded_and_releases_add_up() {
+        let mut a = Admission::default();
+        let mut uid = 1000;
+        let mut held = Vec::new();
+        while a.admit(Some(uid)).is_ok() {
+            held.push(uid);
+            uid += 1;
+        }
+        assert_eq!(held.len(), MAX_CLIENTS);
+        assert!(a.admit(Some(uid)).unwrap_err().contains("at most 64"));
+        a.admit(Some(0)).unwrap();
+        // Unknown credentials count as a user of their own.
+        for u in &held {
+            a.release(Some(*u));
+        }
+        for _ in 0..MAX_PER_UID {
+            a.admit(None).unwrap();
+        }
+        assert!(a.admit(None).is_err());
+        for _ in 0..MAX_PER_UID {
+            a.release(None);
+        }
+        assert_eq!(a.others, 0);
+        assert!(a.per_uid.is_empty());
+        // Releasing what was never admitted changes nothing.
+        a.release(Some(4242));
+        a.release(Some(0));
+        assert_eq!(a.others, 0);
+    }
 }
