@@ -136,6 +136,31 @@ pub async fn run(options: Options) -> Result<Exit> {
         resolv_conf,
         state_dir,
     } = options;
+    let (reports_tx, mut reports) = mpsc::unbounded_channel();
+    let mut worker = Worker::new(plan.clone(), reports_tx);
+    // Lockdown never opens: the kill switch is in place before anything an
+    // earlier run left (a tunnel process, the device, policy routing rules,
+    // DNS) is stopped, removed or repaired, and stays through all of it.
+    // A table an earlier run left is kept (replaced in one transaction);
+    // without lockdown it stays until the first decision says whether it
+    // is wanted (the worker leaves the kill switch alone until told).
+    match crate::net::killswitch::present() {
+        Ok(true) => {
+            if plan.full.is_some() {
+                info!("a kill switch table from an earlier run is in place; it stays until the rules decide");
+            } else {
+                warn!("a kill switch table from an earlier run is in place; the rules decide whether it stays");
+            }
+            worker.adopt_stale_kill_switch();
+        }
+        Ok(false) => {}
+        // No nft: there can be no table to repair; a full tunnel reports it.
+        Err(e) => info!("cannot look for a kill switch left by an earlier run: {e}"),
+    }
+    if plan.full.is_some() && rules.rules().tunnel.lockdown && !intent.lockdown_released {
+        info!("lockdown: the kill switch goes on before anything else");
+        worker.set_protect(true);
+    }
     // A tunnel process left by an earlier vaned (killed, crashed, or
     // handed over) is adopted when it can be: then what that vaned set up
     // (device, routes, rules, kill switch, DNS) stays as it is.
@@ -191,10 +216,8 @@ pub async fn run(options: Options) -> Result<Exit> {
         crate::tunnel::recover::remove_stale_rules();
     }
 
-    let (reports_tx, mut reports) = mpsc::unbounded_channel();
     let (probes_tx, mut probes_done) = mpsc::unbounded_channel::<probe::Done>();
     let (worker_tx, mut worker_rx) = mpsc::unbounded_channel::<WorkerMsg>();
-    let mut worker = Worker::new(plan.clone(), reports_tx);
     worker.set_dns(crate::tunnel::TunnelDnsShell {
         manager: dns,
         observer: observer.resolv_conf_override(),
@@ -202,16 +225,6 @@ pub async fn run(options: Options) -> Result<Exit> {
         state_dir,
         applied: false,
     });
-    match crate::net::killswitch::present() {
-        Ok(true) if adoptable.is_some() => worker.adopt_stale_kill_switch(),
-        Ok(true) => {
-            warn!("a kill switch table from an earlier run is in place; the rules decide whether it stays");
-            worker.adopt_stale_kill_switch();
-        }
-        Ok(false) => {}
-        // No nft: there can be no table to repair; a full tunnel reports it.
-        Err(e) => info!("cannot look for a kill switch left by an earlier run: {e}"),
-    }
     let worker_task = tokio::spawn(async move {
         while let Some(m) = worker_rx.recv().await {
             match m {

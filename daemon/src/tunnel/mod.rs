@@ -128,8 +128,10 @@ pub struct Worker {
     rules: Vec<Rule>,
     /// The device is set up (between a start and a stop).
     up: bool,
-    /// The daemon wants the kill switch (full tunnel only).
-    protect: bool,
+    /// The daemon wants the kill switch (full tunnel only); `None` until
+    /// it has said so: until then the kill switch is left as it is (a
+    /// table an earlier run left stays in place), whatever else changes.
+    protect: Option<bool>,
     /// The kill switch in place, as last applied.
     shield: Option<killswitch::Spec>,
     /// A kill switch table left by an earlier vaned may be in place.
@@ -164,7 +166,7 @@ impl Worker {
             locals: Vec::new(),
             rules: Vec::new(),
             up: false,
-            protect: false,
+            protect: None,
             shield: None,
             stale_shield: false,
             dns: None,
@@ -246,7 +248,7 @@ impl Worker {
 
     /// Whether the kill switch should block traffic outside the tunnel.
     pub fn set_protect(&mut self, on: bool) {
-        self.protect = on;
+        self.protect = Some(on);
         self.sync_kill_switch();
     }
 
@@ -254,7 +256,10 @@ impl Worker {
     /// daemon's wish say. `apply` replaces the table in one transaction,
     /// so a change (new local subnets) never opens a gap.
     fn sync_kill_switch(&mut self) {
-        let want = match (&self.plan.full, self.protect) {
+        let Some(protect) = self.protect else {
+            return;
+        };
+        let want = match (&self.plan.full, protect) {
             (Some(ft), true) => Some(killswitch::Spec {
                 tunnel_if: self.plan.ifname.clone(),
                 fwmark: ft.fwmark,
@@ -614,7 +619,7 @@ impl Worker {
         if let Some(ft) = &self.plan.full {
             self.rules = routing::rules(ft, &self.locals);
         }
-        self.protect = protect;
+        self.protect = Some(protect);
         if let (Some(ft), true, true) = (&self.plan.full, protect, self.stale_shield) {
             // The table in place is the one this plan makes.
             self.shield = Some(killswitch::Spec {
