@@ -1,0 +1,314 @@
+//! Faults together, counted the way a user loses from them.
+//!
+//! Lockdown (`include_all_networks = true`, `lockdown = true`,
+//! `exclude_local_networks = false`) must let nothing out of the uplink in
+//! plain from the first kill switch to the last, whatever happens to the
+//! processes: here vaned and vane-tunnel are SIGKILLed together and the
+//! next vaned starts as soon as both are gone, with no help from the test
+//! harness (the dead tunnel's userspace API socket stays where it was, as
+//! it would on a real host).
+//!
+//! Leaks are counted on the server's side of the underlay with nftables
+//! (every packet from the client that is not the tunnel's UDP or neighbour
+//! discovery), while the client sends UDP every millisecond to a host
+//! beyond the gateway (IPv4 and IPv6: the underlay has default routes of
+//! both families, so an IPv6 leak can happen and be counted), to its own
+//! local subnet, and from a socket bound to the uplink device.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use vane_e2e::vaned::{text, Lab};
+use vane_e2e::{wait_until, Netns};
+
+const UP: Duration = Duration::from_secs(20);
+/// Beyond the gateway: on the server's loopback, reachable through the
+/// tunnel or, without it, over the underlay.
+const NET4: &str = "203.0.113.1";
+const NET6: &str = "fd00:203::1";
+
+fn lockdown_lab() -> Lab {
+    let rules = "include_all_networks = true\nexclude_local_networks = false\nlockdown = true\n\n\
+                 [on_demand]\nenabled = true\n\n[[on_demand.rule]]\naction = \"connect\"\n";
+    let lab = Lab::new_with(rules, "0.0.0.0/0, ::/0", "").unwrap();
+    let (a, b) = (&lab.pair.a, &lab.pair.b);
+    b.ip(&["addr", "add", &format!("{NET4}/32"), "dev", "lo"])
+        .unwrap();
+    b.ip(&["addr", "add", &format!("{NET6}/128"), "dev", "lo"])
+        .unwrap();
+    b.exec("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])
+        .unwrap();
+    // An IPv6 default route on the client's underlay: without it an IPv6
+    // packet outside the tunnel has no way out, and a check that none
+    // leaked could not fail.
+    a.ip(&["-6", "route", "add", "default", "via", "fd00:77::2"])
+        .unwrap();
+    lab
+}
+
+/// nftables counters in the server's namespace: `leak` counts what arrives
+/// from the client over the underlay that is not the tunnel's UDP.
+struct Leaks<'a> {
+    ns: &'a Netns,
+}
+
+impl<'a> Leaks<'a> {
+    fn install(ns: &'a Netns, server_if: &str) -> Leaks<'a> {
+        let script = format!(
+            "table inet vanefaults {{\n\
+             counter tunnel {{}}\n\
+             counter leak {{}}\n\
+             chain pre {{\n\
+             type filter hook prerouting priority -300; policy accept;\n\
+             iifname {{ \"lo\", \"{server_if}\" }} return\n\
+             udp dport 51820 counter name \"tunnel\" return\n\
+             icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-report, mld2-listener-report }} return\n\
+             counter name \"leak\" log prefix \"vane-leak \"\n\
+             }}\n\
+             }}\n"
+        );
+        let dir = vane_e2e::TempDir::new().unwrap();
+        let path = dir.write("leak.nft", &script).unwrap();
+        ns.exec("nft", &["-f", &path.display().to_string()])
+            .unwrap();
+        Leaks { ns }
+    }
+
+    fn packets(&self, name: &str) -> u64 {
+        let out = self
+            .ns
+            .exec("nft", &["list", "counter", "inet", "vanefaults", name])
+            .unwrap();
+        let words: Vec<&str> = out.split_whitespace().collect();
+        words
+            .windows(2)
+            .find(|w| w[0] == "packets")
+            .and_then(|w| w[1].parse().ok())
+            .unwrap_or_else(|| panic!("no packet count in {out}"))
+    }
+
+    fn leaked(&self) -> u64 {
+        self.packets("leak")
+    }
+}
+
+/// UDP every millisecond until `stop`: to NET4 and NET6 beyond the
+/// gateway, to the local subnet, and from a socket bound to the uplink.
+/// Counts the rounds of sends in `rounds` (EPERM from the kill switch is
+/// expected and ignored).
+fn senders(
+    ns: &Netns,
+    uplink: &str,
+    stop: Arc<AtomicBool>,
+    rounds: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<anyhow::Result<()>> {
+    let uplink = uplink.to_owned();
+    ns.run_in(move || {
+        let v4 = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        let v6 = std::net::UdpSocket::bind("[::]:0")?;
+        let bound = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        nix::sys::socket::setsockopt(
+            &bound,
+            nix::sys::socket::sockopt::BindToDevice,
+            &std::ffi::OsString::from(uplink),
+        )?;
+        while !stop.load(Ordering::Relaxed) {
+            let _ = v4.send_to(b"beyond", (NET4, 9));
+            let _ = v6.send_to(b"beyond6", (NET6, 9));
+            let _ = v4.send_to(b"local", ("192.0.2.2", 9));
+            let _ = bound.send_to(b"bound", (NET4, 9));
+            rounds.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    })
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie still answers kill(0): look at its state too.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|s| s.split_whitespace().next());
+    kill(Pid::from_raw(pid as i32), None).is_ok() && state.is_some_and(|s| s != "Z")
+}
+
+#[test]
+fn lockdown_holds_when_both_processes_are_killed_and_the_next_vaned_starts_at_once() {
+    let lab = lockdown_lab();
+    let leaks = Leaks::install(&lab.pair.b, &lab.server_if);
+    let a = &lab.pair.a;
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let traffic = senders(a, &lab.pair.veth_a, stop.clone(), rounds.clone());
+
+    let mut vaned = lab.start_vaned(&[]).unwrap();
+    let mut status = serde_json::Value::Null;
+    wait_until(UP, "the kill switch", || {
+        status = vaned.status().unwrap_or_default();
+        status["tunnel"]["kill_switch"]["active"] == true
+    })
+    .unwrap_or_else(|e| panic!("{e}: {status:#}\n{}", vaned.proc_.log()));
+    // From here on the policy says "nothing outside the tunnel".
+    let baseline = leaks.leaked();
+    vaned.wait_state("up", UP).unwrap();
+    a.ping_until(NET4, UP).unwrap();
+
+    let mut restarts = Vec::new();
+    for round in 0..3 {
+        let tunnel = vaned.tunnel_pid().unwrap();
+        // As on a host where both crash: nothing removes the dead tunnel's
+        // userspace API socket for the next vaned.
+        vaned.proc_.owned.clear();
+        kill(Pid::from_raw(tunnel as i32), Signal::SIGKILL).unwrap();
+        vaned.proc_.stop(Signal::SIGKILL).unwrap();
+        wait_until(Duration::from_secs(5), "the tunnel process gone", || {
+            !alive(tunnel)
+        })
+        .unwrap();
+        let started = Instant::now();
+        vaned = lab.start_vaned(&[]).unwrap();
+        vaned.wait_state("up", UP).unwrap_or_else(|e| {
+            panic!("round {round}: {e}\n{}", vaned.proc_.log());
+        });
+        a.ping_until(NET4, UP).unwrap();
+        restarts.push(started.elapsed());
+        assert_eq!(
+            leaks.leaked(),
+            baseline,
+            "round {round}: packets left the uplink in plain after both processes were killed\n\
+             server's kernel log has the 'vane-leak' lines; vaned log:\n{}",
+            vaned.proc_.log()
+        );
+    }
+
+    // The user disconnects: lockdown keeps blocking.
+    let o = vaned.ctl(&["down"]);
+    assert!(o.status.success(), "{}", text(&o));
+    vaned.wait_state("down", UP).unwrap();
+    assert!(!a.ping_ok(NET4), "a ping left while down in lockdown");
+    let rounds_before = rounds.load(Ordering::Relaxed);
+    wait_until(UP, "200 more rounds of sends while down", || {
+        rounds.load(Ordering::Relaxed) >= rounds_before + 200
+    })
+    .unwrap();
+    assert_eq!(leaks.leaked(), baseline, "a leak while down in lockdown");
+    stop.store(true, Ordering::Relaxed);
+    traffic.join().unwrap().unwrap();
+    eprintln!(
+        "both killed, next vaned up and a ping through: {:?}; rounds of sends: {}",
+        restarts,
+        rounds.load(Ordering::Relaxed)
+    );
+}
+
+/// Connects `n` times to `socket` as `uid` (this thread only: the raw
+/// system call changes the calling thread's credentials, which the socket's
+/// peer credentials are taken from) and keeps the connections open,
+/// saying nothing.
+fn idle_connections(
+    socket: &std::path::Path,
+    uid: u32,
+    n: usize,
+) -> Vec<std::os::unix::net::UnixStream> {
+    let socket = socket.to_owned();
+    std::thread::spawn(move || {
+        // SAFETY: a plain system call with integer arguments; it changes
+        // the credentials of this thread only, which ends right after.
+        let rc = unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) };
+        assert_eq!(rc, 0, "setresuid: {}", std::io::Error::last_os_error());
+        (0..n)
+            .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+/// The first line the daemon sends on `s`, within `limit` (empty at end of
+/// stream).
+fn first_line(s: &std::os::unix::net::UnixStream, limit: Duration) -> String {
+    use std::io::BufRead as _;
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(s).read_line(&mut line);
+    line
+}
+
+#[test]
+fn a_flood_of_idle_clients_locks_nobody_out_of_the_control_socket() {
+    let lab = Lab::new(
+        "[on_demand]\nenabled = true\n\n[[on_demand.rule]]\naction = \"connect\"\ninterface = \"ethernet\"\n\n\
+         [[on_demand.rule]]\naction = \"ignore\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(lab.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let vaned = lab
+        .start_vaned(&["--socket-mode", "666", "--socket-group", "nogroup"])
+        .unwrap();
+    vaned.wait_state("up", UP).unwrap();
+
+    // One user opens 200 connections and never says hello.
+    let flood = idle_connections(&vaned.socket, 65534, 200);
+    // The refusals are written at once; those let in hear nothing yet.
+    let lines: Vec<String> = flood
+        .iter()
+        .map(|s| first_line(s, Duration::from_millis(20)))
+        .collect();
+    let refused = lines
+        .iter()
+        .filter(|l| l.contains("too many clients of uid 65534"))
+        .count();
+    let admitted: Vec<_> = flood
+        .iter()
+        .zip(&lines)
+        .filter(|(_, l)| l.is_empty())
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(refused, 200 - 8, "all but 8 refused at once");
+
+    // Meanwhile root and another user are served, at once: a whole
+    // connection (hello, status, reply) timed in process.
+    let mut root_ms = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        let mut c =
+            vane_ctl::client::Client::connect(&vaned.socket, Some(Duration::from_secs(5))).unwrap();
+        c.request(vane_ctl::proto::Command::Status {}).unwrap();
+        root_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut other = std::process::Command::new("setpriv");
+    other
+        .args(["--reuid=12345", "--regid=12345", "--clear-groups"])
+        .arg(vane_e2e::vaned::vanectl_bin());
+    let o = vaned.ctl_cmd(other, &["status"]);
+    assert!(o.status.success(), "another user: {}", text(&o));
+
+    // The 8 that were let in and said nothing are closed quickly.
+    assert_eq!(admitted.len(), 8, "{lines:?}");
+    let t = Instant::now();
+    for s in &admitted {
+        let line = first_line(s, Duration::from_secs(10));
+        assert!(line.contains("no hello in time"), "{line:?}");
+    }
+    let closed_after = t.elapsed();
+    // Their places are back: the same user is served again.
+    let mut again = std::process::Command::new("setpriv");
+    again
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(vane_e2e::vaned::vanectl_bin());
+    let o = vaned.ctl_cmd(again, &["status"]);
+    assert!(o.status.success(), "{}", text(&o));
+    root_ms.sort_by(f64::total_cmp);
+    eprintln!(
+        "status as root during the flood (connect, hello, status): p50 {:.2} ms, max {:.2} ms; idle clients closed {:?} after the check",
+        vane_e2e::percentile(&root_ms, 0.5),
+        root_ms[root_ms.len() - 1],
+        closed_after
+    );
+}
