@@ -286,7 +286,34 @@ fn two_peers_each_get_exactly_their_traffic() -> Result<()> {
         b2 - b1
     );
 
-    // A packet from C with a source in B's AllowedIPs is dropped by vane.
+    // A packet from C with a source in B's AllowedIPs is dropped by vane:
+    // counted where vane would deliver it, A's side of the tunnel device
+    // (whatever vane did, the reply would go to B, so C's ping alone
+    // could not tell).
+    let script = dir.write(
+        "spoof.nft",
+        &format!(
+            "table inet spoofcheck {{\n\
+             counter spoofed {{}}\n\
+             counter genuine {{}}\n\
+             chain pre {{\n\
+             type filter hook prerouting priority -300; policy accept;\n\
+             iifname \"{ia}\" ip saddr 10.20.1.99 counter name \"spoofed\"\n\
+             iifname \"{ia}\" ip saddr 10.20.2.2 counter name \"genuine\"\n\
+             }}\n\
+             }}\n"
+        ),
+    )?;
+    a.exec("nft", &["-f", &script.display().to_string()])?;
+    let counted = |name: &str| -> Result<u64> {
+        let out = a.exec("nft", &["list", "counter", "inet", "spoofcheck", name])?;
+        let words: Vec<&str> = out.split_whitespace().collect();
+        words
+            .windows(2)
+            .find(|w| w[0] == "packets")
+            .and_then(|w| w[1].parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no packet count in {out}"))
+    };
     c.ip(&["addr", "add", "10.20.1.99/32", "dev", &ic])?;
     let spoofed = c
         .cmd("ping")
@@ -306,8 +333,10 @@ fn two_peers_each_get_exactly_their_traffic() -> Result<()> {
         !spoofed.status.success(),
         "vane answered a packet whose source belongs to another peer"
     );
-    // While C's own address still works.
+    assert_eq!(counted("spoofed")?, 0, "a spoofed packet reached A");
+    // While C's own address still works, and is counted.
     assert!(c.ping_ok("10.20.0.1"));
+    assert!(counted("genuine")? > 0);
     Ok(())
 }
 
