@@ -30,10 +30,21 @@ fn rules(exclude_local: bool) -> String {
     )
 }
 
+/// An IPv6 default route on the client's underlay, as a dual-stack network
+/// gives: without it an IPv6 packet outside the tunnel has no way out and a
+/// check that none leaked could not fail.
+fn ipv6_default_route(lab: &Lab) {
+    lab.pair
+        .a
+        .ip(&["-6", "route", "add", "default", "via", "fd00:77::2"])
+        .unwrap();
+}
+
 /// A lab whose tunnel carries everything, with the "internet" host on the
 /// server's side (reachable over the underlay too).
 fn lab(exclude_local: bool) -> Lab {
     let lab = Lab::new_with(&rules(exclude_local), "0.0.0.0/0, ::/0", "").unwrap();
+    ipv6_default_route(&lab);
     let b = &lab.pair.b;
     b.ip(&["addr", "add", &format!("{NET4}/32"), "dev", "lo"])
         .unwrap();
@@ -58,11 +69,14 @@ impl<'a> Leaks<'a> {
             "table inet vanetest {{\n\
              counter tunnel {{}}\n\
              counter leak {{}}\n\
+             counter beyond {{}}\n\
              chain pre {{\n\
              type filter hook prerouting priority -300; policy accept;\n\
              iifname {{ \"lo\", \"{server_if}\" }} return\n\
              udp dport 51820 counter name \"tunnel\" return\n\
              icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-report, mld2-listener-report }} return\n\
+             ip daddr {NET4} counter name \"beyond\"\n\
+             ip6 daddr {NET6} counter name \"beyond\"\n\
              counter name \"leak\"\n\
              }}\n\
              }}\n"
@@ -89,6 +103,12 @@ impl<'a> Leaks<'a> {
 
     fn leaked(&self) -> u64 {
         self.packets("leak")
+    }
+
+    /// Leaked packets for the hosts beyond the gateway (what a kill
+    /// switch must stop even when the local networks are excluded).
+    fn beyond(&self) -> u64 {
+        self.packets("beyond")
     }
 
     fn tunnel(&self) -> u64 {
@@ -252,6 +272,7 @@ fn after_a_crash_the_next_vaned_repairs_routing_firewall_and_dns_first() {
         &format!("DNS = {TUNNEL_DNS}, tunnel.example"),
     )
     .unwrap();
+    ipv6_default_route(&lab);
     lab.use_netns_resolv_conf().unwrap();
     let a = &lab.pair.a;
     let before = routing(a);
@@ -308,11 +329,17 @@ fn lockdown_blocks_while_the_user_is_disconnected_until_released() {
         "",
     )
     .unwrap();
+    ipv6_default_route(&lab);
     let b = &lab.pair.b;
     b.ip(&["addr", "add", &format!("{NET4}/32"), "dev", "lo"])
         .unwrap();
+    b.ip(&["addr", "add", &format!("{NET6}/128"), "dev", "lo"])
+        .unwrap();
+    let leaks = Leaks::install(b, &lab.server_if);
     let a = &lab.pair.a;
     let before_nft = nft_ruleset(a);
+    let stop_traffic = Arc::new(AtomicBool::new(false));
+    let generator = traffic(a, &lab.pair.veth_a, stop_traffic.clone());
     let mut vaned = lab.start_vaned(&[]).unwrap();
     vaned.wait_state("up", UP).unwrap();
     a.ping_until(NET4, UP).unwrap();
@@ -327,7 +354,18 @@ fn lockdown_blocks_while_the_user_is_disconnected_until_released() {
     assert_eq!(k["active"], true, "{k}");
     assert_eq!(k["lockdown"], true, "{k}");
     assert_eq!(k["released"], false, "{k}");
+    let baseline = leaks.beyond();
     assert!(!a.ping_ok(NET4), "plain traffic left during lockdown");
+    // Counted on the wire, both families, with the traffic running all
+    // along: nothing for a host beyond the gateway left the uplink while
+    // down in lockdown (the local network is excluded from the tunnel
+    // here, so its traffic may pass).
+    assert_eq!(
+        leaks.beyond(),
+        baseline,
+        "leaked during lockdown:\n{}",
+        leaks.log()
+    );
 
     // Released: traffic flows without the tunnel, and it is persisted.
     let o = vaned.ctl(&["lockdown", "off"]);
@@ -337,6 +375,11 @@ fn lockdown_blocks_while_the_user_is_disconnected_until_released() {
     })
     .unwrap();
     a.ping_until(NET4, UP).unwrap();
+    // The same counters see plain traffic once released.
+    wait_until(UP, "plain traffic counted after the release", || {
+        leaks.beyond() > baseline
+    })
+    .unwrap();
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&vaned.state_file).unwrap()).unwrap();
     assert_eq!(state["intent"]["lockdown_released"], true, "{state:#}");
@@ -355,6 +398,8 @@ fn lockdown_blocks_while_the_user_is_disconnected_until_released() {
     vaned.proc_.stop(nix::sys::signal::Signal::SIGTERM).unwrap();
     assert_eq!(nft_ruleset(a), before_nft);
     assert!(a.ping_ok(NET4));
+    stop_traffic.store(true, Ordering::Relaxed);
+    generator.join().unwrap().unwrap();
 }
 
 /// The tunnel's DNS server, on the server's side of the tunnel.
@@ -398,7 +443,8 @@ fn dns_responder(
     (count, handle)
 }
 
-/// Traffic of every kind from the client, until `stop`: UDP to the
+/// Traffic of every kind from the client, until `stop` (UDP every
+/// millisecond, so that a leak of a few milliseconds is caught): UDP to the
 /// "internet" (both families), to the local subnet and to the network's
 /// DNS server, TCP connection attempts, and UDP from a socket bound to the
 /// uplink device (as `ping -I eth0` does: routing rules cannot send that
@@ -423,18 +469,25 @@ fn traffic(
             0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 4, b'l', b'e', b'a', b'k', 7, b'e', b'x',
             b'a', b'm', b'p', b'l', b'e', 0, 0, 1, 0, 1,
         ];
+        let mut round = 0u64;
         while !stop.load(Ordering::Relaxed) {
             let _ = v4.send_to(b"udp", (NET4, 9));
             let _ = bound.send_to(b"bound", (NET4, 9));
             let _ = v6.send_to(b"udp", (NET6, 9));
             let _ = v4.send_to(b"local", ("192.0.2.2", 9));
             let _ = v4.send_to(&query, ("192.0.2.53", 53));
-            for dst in [format!("{NET4}:80"), "192.0.2.2:80".to_owned()] {
-                if let Ok(addr) = dst.parse() {
-                    let _ = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(5));
+            // TCP connection attempts block up to their timeout: every
+            // tenth round, so the UDP above goes out every millisecond.
+            if round % 10 == 0 {
+                for dst in [format!("{NET4}:80"), "192.0.2.2:80".to_owned()] {
+                    if let Ok(addr) = dst.parse() {
+                        let _ =
+                            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(5));
+                    }
                 }
             }
-            std::thread::sleep(Duration::from_millis(10));
+            round += 1;
+            std::thread::sleep(Duration::from_millis(1));
         }
         Ok(())
     })
@@ -452,6 +505,7 @@ fn nothing_leaks_through_connect_a_tunnel_kill_a_roam_and_disconnect() {
         &format!("DNS = {TUNNEL_DNS}, tunnel.example"),
     )
     .unwrap();
+    ipv6_default_route(&lab);
     lab.use_netns_resolv_conf().unwrap();
     let original_resolv = std::fs::read(&lab.resolv_conf).unwrap();
     let b = &lab.pair.b;
