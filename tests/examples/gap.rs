@@ -6,7 +6,7 @@
 //! many cycles recovered (within 10 s).
 //!
 //!   cargo build --release --bins
-//!   sudo VANED=target/release/vaned VANECTL=target/release/vanectl \
+//!   VANED=target/release/vaned VANECTL=target/release/vanectl \
 //!        VANE_TUNNEL=target/release/vane-tunnel \
 //!        cargo run --release -p vane-e2e --example gap -- 50
 //!

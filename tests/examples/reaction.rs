@@ -4,7 +4,7 @@
 //! kind. A benchmark, not a test: it prints p50, p99 and max.
 //!
 //!   cargo build --release --bins
-//!   sudo VANED=target/release/vaned VANECTL=target/release/vanectl \
+//!   VANED=target/release/vaned VANECTL=target/release/vanectl \
 //!        VANE_TUNNEL=target/release/vane-tunnel \
 //!        cargo run --release -p vane-e2e --example reaction -- 20
 //!

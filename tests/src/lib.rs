@@ -38,7 +38,7 @@ pub fn unique(tag: &str) -> String {
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
-        "the end-to-end tests create network namespaces: run them as root (sudo scripts/test)"
+        "the end-to-end tests create network namespaces: run them as root (scripts/test)"
     );
 }
 

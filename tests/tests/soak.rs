@@ -1,7 +1,7 @@
 //! Long runs: vaned and vane-tunnel must not grow. The test suite runs
 //! them short (200 cycles each, a few seconds: enough to catch a
 //! descriptor leaked per cycle); the long run is
-//! `sudo VANE_SOAK_CYCLES=10000 cargo test -p vane-e2e --test soak -- --nocapture`
+//! `VANE_SOAK_CYCLES=10000 cargo test -p vane-e2e --test soak -- --nocapture`
 //! (about 6 minutes). Each prints the open descriptors and the resident
 //! memory it sampled, and fails if the descriptors grew at all after the
 //! warm-up or the memory grew by more than a bound.

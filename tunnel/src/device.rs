@@ -346,7 +346,7 @@ impl Device {
     /// they run in parallel on both cores. A third thread drives the
     /// timers. Why not a thread per side, or two in the set: a lone
     /// packet's answer is then served by a thread that slept, and the
-    /// other waiter is woken for nothing (docs/ARCHITECTURE.md has the
+    /// other waiter is woken for nothing (docs/performance.md has the
     /// measurements). Dropping the future signals the threads (an eventfd
     /// in the set and in the helper's poll, never drained) and joins them.
     pub async fn run(self: Arc<Self>) -> io::Result<()> {

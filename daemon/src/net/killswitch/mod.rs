@@ -140,7 +140,7 @@ mod netns_tests {
     fn require_root() {
         assert!(
             nix::unistd::geteuid().is_root(),
-            "the kill switch tests create network namespaces: run them as root (sudo scripts/test)"
+            "the kill switch tests create network namespaces: run them as root (scripts/test)"
         );
     }
 
