@@ -1,9 +1,11 @@
-//! Traffic gap of each replacement kind: a steady stream of small UDP
-//! probes (one every millisecond) goes through the tunnel to the server;
-//! the gap of a cycle is the longest interval with no probe delivered,
-//! from just before the replacement until the tunnel has recovered. A
-//! benchmark, not a test: it prints p50, p99 and max per kind, and how
-//! many cycles recovered (within 10 s).
+//! Traffic gap and loss of each replacement kind: a steady stream of
+//! small numbered UDP probes (one every millisecond) goes through the
+//! tunnel to the server; the gap of a cycle is the longest interval with
+//! no probe delivered, from just before the replacement until the tunnel
+//! has recovered, and its loss the probes the client's kernel accepted
+//! (`sendto` succeeded) in that time that never arrived. A benchmark, not
+//! a test: it prints p50, p99 and max of the gaps per kind, the lost
+//! probes (p50, max, total), and how many cycles recovered (within 10 s).
 //!
 //!   cargo build --release --bins
 //!   VANED=target/release/vaned VANECTL=target/release/vanectl \
@@ -28,6 +30,7 @@
 //! so each is restarted at once as a single crash is (closer kills are a
 //! crash loop and meet the backoff); the other kinds are a second apart.
 
+use std::collections::HashSet;
 use std::net::UdpSocket;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -151,19 +154,30 @@ fn main() -> Result<()> {
         .ping_until(vane_e2e::vaned::SERVER_INNER, RECOVERY)?;
 
     let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    // The numbers of the probes that arrived, and of those the client's
+    // kernel accepted, with when.
+    let delivered: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let accepted: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (got, halt) = (Arc::clone(&arrivals), Arc::clone(&stop));
+    let numbers = Arc::clone(&delivered);
     let _rx = lab.pair.b.run_in(move || {
         let s = UdpSocket::bind(("10.99.0.2", PORT)).context("probe receiver")?;
         s.set_read_timeout(Some(Duration::from_millis(50)))?;
         let _ = ready_tx.send(());
         let mut buf = [0u8; 64];
         while !halt.load(Ordering::Relaxed) {
-            if s.recv(&mut buf).is_ok() {
+            if let Ok(n) = s.recv(&mut buf) {
                 let now = Instant::now();
                 if let Ok(mut v) = got.lock() {
                     v.push(now);
+                }
+                if let Some(seq) = buf.get(..8).filter(|_| n >= 8) {
+                    let seq = u64::from_be_bytes(seq.try_into().unwrap_or_default());
+                    if let Ok(mut v) = numbers.lock() {
+                        v.push(seq);
+                    }
                 }
             }
         }
@@ -171,11 +185,22 @@ fn main() -> Result<()> {
     });
     ready_rx.recv_timeout(RECOVERY)?;
     let halt = Arc::clone(&stop);
+    let sent = Arc::clone(&accepted);
     let _tx = lab.pair.a.run_in(move || {
         let s = UdpSocket::bind("0.0.0.0:0")?;
         let mut next = Instant::now();
+        let mut seq = 0u64;
         while !halt.load(Ordering::Relaxed) {
-            let _ = s.send_to(b"gap-probe", ("10.99.0.2", PORT));
+            seq += 1;
+            let mut probe = [0u8; 16];
+            probe[..8].copy_from_slice(&seq.to_be_bytes());
+            probe[8..].copy_from_slice(b"gapprobe");
+            if s.send_to(&probe, ("10.99.0.2", PORT)).is_ok() {
+                let at = Instant::now();
+                if let Ok(mut v) = sent.lock() {
+                    v.push((seq, at));
+                }
+            }
             next += Duration::from_millis(1);
             let now = Instant::now();
             if next > now {
@@ -186,7 +211,11 @@ fn main() -> Result<()> {
         }
         Ok(())
     });
-    let take = || std::mem::take(&mut *arrivals.lock().unwrap());
+    let take = || {
+        std::mem::take(&mut *delivered.lock().unwrap());
+        std::mem::take(&mut *accepted.lock().unwrap());
+        std::mem::take(&mut *arrivals.lock().unwrap())
+    };
     let kinds = [
         Kind::Idle,
         Kind::VanedKilled,
@@ -203,6 +232,7 @@ fn main() -> Result<()> {
             continue;
         }
         let mut gaps = Vec::new();
+        let mut losses: Vec<f64> = Vec::new();
         let mut recovered = 0;
         let mut handshakes = 0;
         for _ in 0..n {
@@ -280,6 +310,16 @@ fn main() -> Result<()> {
                 });
             // A little more traffic, so a gap right after recovery counts.
             std::thread::sleep(Duration::from_millis(100));
+            // Lost: accepted from the replacement on, up to 50 ms before
+            // now (later ones may still be on their way), never delivered.
+            let end = Instant::now() - Duration::from_millis(50);
+            let got: HashSet<u64> = delivered.lock().unwrap().iter().copied().collect();
+            let lost = accepted
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(seq, at)| *at >= t0 && *at <= end && !got.contains(seq))
+                .count();
             let v = take();
             if !ok {
                 continue;
@@ -292,11 +332,13 @@ fn main() -> Result<()> {
                 last = *t;
             }
             gaps.push(gap.as_secs_f64() * 1000.0);
+            losses.push(lost as f64);
             if matches!(kind, Kind::VanedKilled | Kind::VanedHandover) && handshake(&lab) != hs {
                 handshakes += 1;
             }
         }
         gaps.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        losses.sort_by(|a, b| a.partial_cmp(b).unwrap());
         if gaps.is_empty() {
             bail!("{}: no cycle recovered", kind.name());
         }
@@ -307,6 +349,12 @@ fn main() -> Result<()> {
             vane_e2e::percentile(&gaps, 0.99),
             gaps[gaps.len() - 1],
         );
+        print!(
+            ", lost p50={:.0} max={:.0} total={:.0}",
+            vane_e2e::percentile(&losses, 0.5),
+            losses[losses.len() - 1],
+            losses.iter().sum::<f64>()
+        );
         if matches!(kind, Kind::VanedKilled | Kind::VanedHandover) {
             print!(", new handshakes {handshakes}/{n}");
         }
@@ -314,6 +362,8 @@ fn main() -> Result<()> {
         if std::env::var_os("GAP_VERBOSE").is_some() {
             let all: Vec<String> = gaps.iter().map(|g| format!("{g:.1}")).collect();
             println!("  all (ms, sorted): {}", all.join(" "));
+            let all: Vec<String> = losses.iter().map(|l| format!("{l:.0}")).collect();
+            println!("  lost (sorted): {}", all.join(" "));
         }
     }
     stop.store(true, Ordering::Relaxed);

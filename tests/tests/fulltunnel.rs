@@ -478,7 +478,7 @@ fn traffic(
             let _ = v4.send_to(&query, ("192.0.2.53", 53));
             // TCP connection attempts block up to their timeout: every
             // tenth round, so the UDP above goes out every millisecond.
-            if round % 10 == 0 {
+            if round.is_multiple_of(10) {
                 for dst in [format!("{NET4}:80"), "192.0.2.2:80".to_owned()] {
                     if let Ok(addr) = dst.parse() {
                         let _ =
