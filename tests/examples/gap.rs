@@ -12,7 +12,7 @@
 //!        VANE_TUNNEL=target/release/vane-tunnel \
 //!        cargo run --release -p vane-e2e --example gap -- 50
 //!
-//! `GAP_KINDS=idle,tunnel-killed,tunnel-replaced,upgrade,vaned-killed,vaned-handover,both-killed`
+//! `GAP_KINDS=idle,tunnel-killed,tunnel-replaced,upgrade,vaned-killed,vaned-handover,both-killed,connect,disconnect`
 //! runs only those kinds, `GAP_VERBOSE` prints every cycle's gap and `GAP_LOG`
 //! vaned's log (with the tunnel's) at the end.
 //!
@@ -23,7 +23,9 @@
 //! again, adopts the tunnel and moves it to the new binary); vaned
 //! SIGKILLed and started again; vaned
 //! handing over (SIGUSR2) and started again; vaned and the tunnel killed
-//! together and vaned started again. For the vaned kinds it also counts
+//! together and vaned started again; `vanectl up` after a `down`
+//! (connect); `vanectl down` (disconnect: loss only, no gap). For the
+//! vaned kinds it also counts
 //! cycles that caused a new handshake (there should be none).
 //!
 //! Tunnel kills are spaced more than the supervisor's stable run apart,
@@ -64,6 +66,12 @@ enum Kind {
     VanedKilled,
     VanedHandover,
     BothKilled,
+    /// `vanectl up` after `vanectl down`: the tunnel's device, routes and
+    /// process come up while probes are being sent.
+    Connect,
+    /// `vanectl down`: only the loss is measured (after it probes cannot
+    /// be sent: the lab routes the server's inner address nowhere else).
+    Disconnect,
 }
 
 impl Kind {
@@ -76,6 +84,8 @@ impl Kind {
             Kind::VanedKilled => "vaned-killed",
             Kind::VanedHandover => "vaned-handover",
             Kind::BothKilled => "both-killed",
+            Kind::Connect => "connect",
+            Kind::Disconnect => "disconnect",
         }
     }
 
@@ -88,6 +98,8 @@ impl Kind {
             Kind::VanedKilled => "vaned killed + restarted (adopts)",
             Kind::VanedHandover => "vaned handover (SIGUSR2) + restarted",
             Kind::BothKilled => "vaned and tunnel killed + vaned restarted",
+            Kind::Connect => "connect (vanectl up)",
+            Kind::Disconnect => "disconnect (vanectl down)",
         }
     }
 }
@@ -224,6 +236,8 @@ fn main() -> Result<()> {
         Kind::TunnelReplaced,
         Kind::Upgrade,
         Kind::BothKilled,
+        Kind::Connect,
+        Kind::Disconnect,
     ];
     // GAP_KINDS=tunnel-killed,tunnel-replaced,... picks kinds (all by default).
     let only = std::env::var("GAP_KINDS").unwrap_or_default();
@@ -244,9 +258,17 @@ fn main() -> Result<()> {
                 Kind::TunnelReplaced | Kind::Upgrade | Kind::BothKilled => {
                     std::thread::sleep(SETTLE)
                 }
-                Kind::Idle | Kind::VanedKilled | Kind::VanedHandover => {}
+                Kind::Idle | Kind::VanedKilled | Kind::VanedHandover | Kind::Disconnect => {}
+                Kind::Connect => {
+                    // Down first (not measured).
+                    let o = vaned.ctl(&["down"]);
+                    if !o.status.success() {
+                        bail!("vanectl down: {}", vane_e2e::vaned::text(&o));
+                    }
+                    vaned.wait_state("down", RECOVERY)?;
+                }
             }
-            let old = vaned.tunnel_pid()?;
+            let old = vaned.tunnel_pid().unwrap_or(0);
             let hs = handshake(&lab);
             take();
             let t0 = Instant::now();
@@ -301,13 +323,21 @@ fn main() -> Result<()> {
                     vaned = lab.start_vaned_bin(&binary, &[])?;
                     new_tunnel(&vaned, old)
                 }
+                Kind::Connect => {
+                    vaned.ctl(&["up"]).status.success() && vaned.wait_state("up", RECOVERY).is_ok()
+                }
+                Kind::Disconnect => {
+                    vaned.ctl(&["down"]).status.success()
+                        && vaned.wait_state("down", RECOVERY).is_ok()
+                }
             };
             // Recovered: probes arrive again after the new state was seen.
             let seen = Instant::now();
             let ok = ok
-                && wait("probes after recovery", || {
-                    arrivals.lock().unwrap().last().is_some_and(|t| *t > seen)
-                });
+                && (kind == Kind::Disconnect
+                    || wait("probes after recovery", || {
+                        arrivals.lock().unwrap().last().is_some_and(|t| *t > seen)
+                    }));
             // A little more traffic, so a gap right after recovery counts.
             std::thread::sleep(Duration::from_millis(100));
             // Lost: accepted from the replacement on, up to 50 ms before
@@ -321,6 +351,13 @@ fn main() -> Result<()> {
                 .filter(|(seq, at)| *at >= t0 && *at <= end && !got.contains(seq))
                 .count();
             let v = take();
+            if kind == Kind::Disconnect {
+                // Up again for the next cycle (not measured).
+                let _ = vaned.ctl(&["resume"]);
+                let _ = vaned.ctl(&["up"]);
+                vaned.wait_state("up", RECOVERY)?;
+                std::thread::sleep(SETTLE);
+            }
             if !ok {
                 continue;
             }
@@ -342,13 +379,17 @@ fn main() -> Result<()> {
         if gaps.is_empty() {
             bail!("{}: no cycle recovered", kind.name());
         }
-        print!(
-            "{}: recovered {recovered}/{n}, gap p50={:.1} ms p99={:.1} ms max={:.1} ms",
-            kind.name(),
-            vane_e2e::percentile(&gaps, 0.5),
-            vane_e2e::percentile(&gaps, 0.99),
-            gaps[gaps.len() - 1],
-        );
+        if kind == Kind::Disconnect {
+            print!("{}: done {recovered}/{n}", kind.name());
+        } else {
+            print!(
+                "{}: recovered {recovered}/{n}, gap p50={:.1} ms p99={:.1} ms max={:.1} ms",
+                kind.name(),
+                vane_e2e::percentile(&gaps, 0.5),
+                vane_e2e::percentile(&gaps, 0.99),
+                gaps[gaps.len() - 1],
+            );
+        }
         print!(
             ", lost p50={:.0} max={:.0} total={:.0}",
             vane_e2e::percentile(&losses, 0.5),
