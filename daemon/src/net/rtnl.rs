@@ -87,9 +87,20 @@ fn request(message: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
 
 /// Sets the link up.
 pub fn set_up(index: u32) -> io::Result<()> {
+    set_link_up(index, true)
+}
+
+/// Sets the link down: nothing is routed into it any more.
+pub fn set_down(index: u32) -> io::Result<()> {
+    set_link_up(index, false)
+}
+
+fn set_link_up(index: u32, up: bool) -> io::Result<()> {
     let mut link = LinkMessage::default();
     link.header.index = index;
-    link.header.flags = LinkFlags::Up;
+    if up {
+        link.header.flags = LinkFlags::Up;
+    }
     link.header.change_mask = LinkFlags::Up;
     request(RouteNetlinkMessage::SetLink(link), 0)
 }

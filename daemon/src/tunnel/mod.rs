@@ -441,8 +441,6 @@ impl Worker {
         // A process of an older generation (it failed) must be gone first.
         self.kill().await;
         let index = self.ensure_device().context("setting up the interface")?;
-        self.up = true;
-        self.sync_rules().context("policy routing")?;
         let socket = match &self.socket {
             Some(s) => s,
             None => {
@@ -495,6 +493,14 @@ impl Worker {
         {
             anyhow::bail!("vane-tunnel exited while starting");
         }
+        // Only now, with a process reading the device and knowing its
+        // peers, does traffic go into it: a packet routed into a device
+        // that nobody reads is dropped after its sender was told it went
+        // out (boringtun queues what it reads before the handshake).
+        self.route_into(index)
+            .context("routing into the interface")?;
+        self.up = true;
+        self.sync_rules().context("policy routing")?;
         if let Err(e) = self.apply_dns(index).await {
             // A full tunnel without its DNS would send every name to the
             // network's resolver: fail (the kill switch holds, the
@@ -508,9 +514,10 @@ impl Worker {
         Ok(pid)
     }
 
-    /// Creates the persistent device when it does not exist, and makes its
-    /// addresses, link state and routes what the plan says (idempotent:
-    /// a device left by an earlier vaned is reused).
+    /// Creates the persistent device when it does not exist, and gives it
+    /// the plan's addresses (idempotent: a device left by an earlier vaned
+    /// is reused). A new device stays down, so nothing is routed into it
+    /// before a tunnel process reads it: see [`route_into`](Self::route_into).
     fn ensure_device(&self) -> io::Result<u32> {
         let plan = &self.plan;
         let index = match rtnl::link_index(&plan.ifname) {
@@ -532,6 +539,14 @@ impl Worker {
             rtnl::add_address(index, *a)
                 .map_err(|e| io::Error::new(e.kind(), format!("address {a}: {e}")))?;
         }
+        Ok(index)
+    }
+
+    /// Brings the device up and adds the routes into it (the peers'
+    /// AllowedIPs in the main table; a full tunnel's default routes in
+    /// vane's table); idempotent.
+    fn route_into(&self, index: u32) -> io::Result<()> {
+        let plan = &self.plan;
         rtnl::set_up(index).map_err(|e| io::Error::new(e.kind(), format!("link up: {e}")))?;
         for r in &plan.routes {
             rtnl::add_route(index, *r, MAIN_TABLE)
@@ -544,7 +559,7 @@ impl Worker {
                 })?;
             }
         }
-        Ok(index)
+        Ok(())
     }
 
     /// Stops the tunnel process, if any: SIGTERM, then SIGKILL.
@@ -722,15 +737,23 @@ impl Worker {
     /// Takes everything down: the process, the device (its routes and
     /// addresses go with it) and the socket.
     pub async fn stop(&mut self) {
-        self.kill().await;
-        let index = rtnl::link_index(&self.plan.ifname).unwrap_or(0);
-        self.revert_dns(index).await;
+        // Nothing more is routed into the device before its reader stops:
+        // what the tunnel has read it sends, what comes after finds no
+        // route into a device nobody reads.
         self.up = false;
         if let Err(e) = self.sync_rules() {
             warn!(interface = %self.plan.ifname, "removing the policy routing rules: {e}");
             remove_stale_rules();
             self.rules.clear();
         }
+        let index = rtnl::link_index(&self.plan.ifname).unwrap_or(0);
+        if index != 0 {
+            if let Err(e) = rtnl::set_down(index) {
+                debug!(interface = %self.plan.ifname, "link down: {e}");
+            }
+        }
+        self.kill().await;
+        self.revert_dns(index).await;
         if let Some(index) = rtnl::link_index(&self.plan.ifname) {
             if let Err(e) = rtnl::delete_link(index) {
                 warn!(interface = %self.plan.ifname, "cannot delete the interface: {e}");
