@@ -312,3 +312,137 @@ fn a_flood_of_idle_clients_locks_nobody_out_of_the_control_socket() {
         closed_after
     );
 }
+
+/// Numbered UDP datagrams every millisecond from the client to the
+/// server's inner address: which ones the client's kernel accepted
+/// (`sendto` succeeded) and which arrived, to count what a user loses.
+struct Numbered {
+    accepted: Arc<std::sync::Mutex<Vec<(u64, Instant)>>>,
+    delivered: Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Numbered {
+    fn start(client: &Netns, server: &Netns, to: &str, port: u16) -> Numbered {
+        let accepted: Arc<std::sync::Mutex<Vec<(u64, Instant)>>> = Arc::default();
+        let delivered: Arc<std::sync::Mutex<std::collections::HashSet<u64>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (got, halt, addr) = (delivered.clone(), stop.clone(), format!("{to}:{port}"));
+        let receiver = server.run_in(move || {
+            let s = std::net::UdpSocket::bind(&addr)?;
+            s.set_read_timeout(Some(Duration::from_millis(20)))?;
+            let _ = ready_tx.send(());
+            let mut buf = [0u8; 64];
+            while !halt.load(Ordering::Relaxed) {
+                if let Ok(8..) = s.recv(&mut buf) {
+                    let seq = u64::from_be_bytes(buf[..8].try_into()?);
+                    got.lock().unwrap().insert(seq);
+                }
+            }
+            Ok(())
+        });
+        ready_rx.recv_timeout(UP).unwrap();
+        let (sent, halt, to) = (accepted.clone(), stop.clone(), to.to_owned());
+        let sender = client.run_in(move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            let mut seq = 0u64;
+            while !halt.load(Ordering::Relaxed) {
+                seq += 1;
+                if s.send_to(&seq.to_be_bytes(), (to.as_str(), port)).is_ok() {
+                    sent.lock().unwrap().push((seq, Instant::now()));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(())
+        });
+        Numbered {
+            accepted,
+            delivered,
+            stop,
+            threads: vec![receiver, sender],
+        }
+    }
+
+    /// The datagrams accepted since `since` (up to 100 ms ago: later ones
+    /// may still be on their way) that never arrived, and how many were
+    /// accepted in that time.
+    fn lost_since(&self, since: Instant) -> (Vec<u64>, usize) {
+        let until = Instant::now() - Duration::from_millis(100);
+        let delivered = self.delivered.lock().unwrap();
+        let accepted = self.accepted.lock().unwrap();
+        let window: Vec<u64> = accepted
+            .iter()
+            .filter(|(_, at)| *at >= since && *at <= until)
+            .map(|(seq, _)| *seq)
+            .collect();
+        let lost = window
+            .iter()
+            .copied()
+            .filter(|seq| !delivered.contains(seq))
+            .collect();
+        (lost, window.len())
+    }
+
+    fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap().unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_connect_loses_no_datagram_the_kernel_accepted() {
+    let lab = Lab::new(
+        "[on_demand]\nenabled = true\n\n[[on_demand.rule]]\naction = \"connect\"\ninterface = \"ethernet\"\n",
+    )
+    .unwrap();
+    let vaned = lab.start_vaned(&[]).unwrap();
+    vaned.wait_state("up", UP).unwrap();
+    let numbered = Numbered::start(
+        &lab.pair.a,
+        &lab.pair.b,
+        vane_e2e::vaned::SERVER_INNER,
+        7201,
+    );
+    let mut report = Vec::new();
+    for round in 0..3 {
+        let o = vaned.ctl(&["down"]);
+        assert!(o.status.success(), "{}", text(&o));
+        vaned.wait_state("down", UP).unwrap();
+        // While down the server's inner address is routed nowhere: sends
+        // fail, nothing is accepted that could be lost.
+        let since = Instant::now();
+        let o = vaned.ctl(&["up"]);
+        assert!(o.status.success(), "{}", text(&o));
+        vaned.wait_state("up", UP).unwrap();
+        // Until datagrams sent after the connect have arrived, and 100 ms
+        // more (the window's end).
+        let connected = Instant::now();
+        wait_until(UP, "datagrams through the new tunnel", || {
+            let accepted = numbered.accepted.lock().unwrap();
+            let delivered = numbered.delivered.lock().unwrap();
+            accepted
+                .iter()
+                .any(|(seq, at)| *at > connected && delivered.contains(seq))
+        })
+        .unwrap();
+        let settle = Instant::now();
+        wait_until(UP, "the window's end", || {
+            settle.elapsed() > Duration::from_millis(150)
+        })
+        .unwrap();
+        let (lost, accepted) = numbered.lost_since(since);
+        report.push((accepted, lost.len()));
+        assert!(
+            lost.is_empty(),
+            "round {round}: {} of {accepted} accepted datagrams lost on connect: {lost:?}\n{}",
+            lost.len(),
+            vaned.proc_.log()
+        );
+    }
+    numbered.finish();
+    eprintln!("connect rounds (accepted, lost): {report:?}");
+}
