@@ -446,3 +446,84 @@ fn a_connect_loses_no_datagram_the_kernel_accepted() {
     numbered.finish();
     eprintln!("connect rounds (accepted, lost): {report:?}");
 }
+
+/// Waits until datagrams sent after now have arrived and 150 ms more have
+/// passed: the end of a transition's window.
+fn settle(numbered: &Numbered) {
+    let after = Instant::now();
+    wait_until(UP, "datagrams through the tunnel again", || {
+        let accepted = numbered.accepted.lock().unwrap();
+        let delivered = numbered.delivered.lock().unwrap();
+        accepted
+            .iter()
+            .any(|(seq, at)| *at > after && delivered.contains(seq))
+    })
+    .unwrap();
+    let end = Instant::now();
+    wait_until(UP, "the window's end", || {
+        end.elapsed() > Duration::from_millis(150)
+    })
+    .unwrap();
+}
+
+#[test]
+fn replacing_vaned_in_lockdown_on_wifi_loses_and_leaks_nothing() {
+    let lab = lockdown_lab();
+    let veth = lab.pair.veth_a.clone();
+    lab.write_rules(&format!(
+        "{}\n[[on_demand.rule]]\naction = \"disconnect\"\ninterface = \"wifi\"\nssid = [\"HomeNet\"]\n\n\
+         [[on_demand.rule]]\naction = \"connect\"\ninterface = \"wifi\"\n\n\
+         [interfaces]\n\"{veth}\" = \"wifi\"\n",
+        lab.rules_text()
+            .replace("[[on_demand.rule]]\naction = \"connect\"\n", "")
+    ))
+    .unwrap();
+    lab.set_ssid(&format!("{veth} CafeNet\n")).unwrap();
+    let leaks = Leaks::install(&lab.pair.b, &lab.server_if);
+    let mut vaned = lab.start_vaned(&[]).unwrap();
+    let s = vaned.wait_state("up", UP).unwrap();
+    assert_eq!(s["network"]["ssid"], "CafeNet", "{s:#}");
+    lab.pair.a.ping_until(NET4, UP).unwrap();
+    let baseline = leaks.leaked();
+    let numbered = Numbered::start(
+        &lab.pair.a,
+        &lab.pair.b,
+        vane_e2e::vaned::SERVER_INNER,
+        7202,
+    );
+    settle(&numbered);
+    let mut report = Vec::new();
+    for (round, sig) in [
+        Signal::SIGKILL,
+        Signal::SIGUSR2,
+        Signal::SIGKILL,
+        Signal::SIGUSR2,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let tunnel = vaned.tunnel_pid().unwrap();
+        let since = Instant::now();
+        vaned.proc_.owned.clear();
+        vaned.proc_.stop(sig).unwrap();
+        vaned = lab.start_vaned(&[]).unwrap();
+        vaned.wait_state("up", UP).unwrap();
+        settle(&numbered);
+        let (lost, accepted) = numbered.lost_since(since);
+        report.push((sig, accepted, lost.len()));
+        assert_eq!(
+            vaned.tunnel_pid().unwrap(),
+            tunnel,
+            "round {round}: the tunnel was adopted"
+        );
+        assert!(
+            lost.is_empty(),
+            "round {round} ({sig}): {} of {accepted} accepted datagrams lost: {lost:?}\n{}",
+            lost.len(),
+            vaned.proc_.log()
+        );
+        assert_eq!(leaks.leaked(), baseline, "round {round} ({sig}): a leak");
+    }
+    numbered.finish();
+    eprintln!("vaned replaced in lockdown (signal, accepted, lost): {report:?}");
+}
