@@ -527,3 +527,105 @@ fn replacing_vaned_in_lockdown_on_wifi_loses_and_leaks_nothing() {
     numbered.finish();
     eprintln!("vaned replaced in lockdown (signal, accepted, lost): {report:?}");
 }
+
+/// Kills `pid` and waits until it is gone.
+fn kill_and_wait(pid: u32) {
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    wait_until(Duration::from_secs(5), "the process gone", || !alive(pid)).unwrap();
+}
+
+#[test]
+fn lockdown_leaks_nothing_through_a_sequence_of_faults() {
+    let lab = lockdown_lab();
+    let leaks = Leaks::install(&lab.pair.b, &lab.server_if);
+    let a = &lab.pair.a;
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let traffic = senders(a, &lab.pair.veth_a, stop.clone(), rounds.clone());
+    let connect_rules = lab.rules_text();
+    let disconnect_rules = connect_rules.replace("action = \"connect\"", "action = \"disconnect\"");
+
+    let mut vaned = lab.start_vaned(&[]).unwrap();
+    wait_until(UP, "the kill switch", || {
+        vaned
+            .status()
+            .is_ok_and(|s| s["tunnel"]["kill_switch"]["active"] == true)
+    })
+    .unwrap();
+    let baseline = leaks.leaked();
+    vaned.wait_state("up", UP).unwrap();
+    a.ping_until(NET4, UP).unwrap();
+    let check = |what: &str, vaned: &vane_e2e::vaned::Vaned| {
+        // Traffic ran through the fault: at least 100 more rounds of sends.
+        let r = rounds.load(Ordering::Relaxed);
+        wait_until(UP, "more rounds of sends", || {
+            rounds.load(Ordering::Relaxed) >= r + 100
+        })
+        .unwrap();
+        assert_eq!(
+            leaks.leaked(),
+            baseline,
+            "{what}: packets left the uplink in plain\nvaned log:\n{}",
+            vaned.proc_.log()
+        );
+    };
+
+    // The tunnel crashes.
+    let t = vaned.tunnel_pid().unwrap();
+    kill_and_wait(t);
+    vaned.wait_state("up", UP).unwrap();
+    a.ping_until(NET4, UP).unwrap();
+    check("tunnel killed", &vaned);
+
+    // The uplink goes down and comes back (its routes with it, as a DHCP
+    // client would put them back).
+    a.ip(&["link", "set", &lab.pair.veth_a, "down"]).unwrap();
+    check("uplink down", &vaned);
+    a.ip(&["link", "set", &lab.pair.veth_a, "up"]).unwrap();
+    a.ip(&["route", "replace", "default", "via", "192.0.2.2"])
+        .unwrap();
+    a.ip(&["-6", "route", "replace", "default", "via", "fd00:77::2"])
+        .unwrap();
+    a.ping_until(NET4, UP).unwrap();
+    check("uplink back", &vaned);
+
+    // A reload with the same rules, then the rules flip to disconnect
+    // (lockdown holds while down) and back.
+    let o = vaned.ctl(&["reload"]);
+    assert!(o.status.success(), "{}", text(&o));
+    check("reload", &vaned);
+    lab.write_rules(&disconnect_rules).unwrap();
+    vaned.wait_state("down", UP).unwrap();
+    check("rules flipped to disconnect", &vaned);
+
+    // vaned dies while the tunnel is down in lockdown; the next one
+    // starts at once; then a handover.
+    vaned.proc_.owned.clear();
+    vaned.proc_.stop(Signal::SIGKILL).unwrap();
+    vaned = lab.start_vaned(&[]).unwrap();
+    vaned.wait_state("down", UP).unwrap();
+    check("vaned killed while down in lockdown", &vaned);
+    lab.write_rules(&connect_rules).unwrap();
+    vaned.wait_state("up", UP).unwrap();
+    a.ping_until(NET4, UP).unwrap();
+    vaned.proc_.owned.clear();
+    vaned.proc_.stop(Signal::SIGUSR2).unwrap();
+    vaned = lab.start_vaned(&[]).unwrap();
+    vaned.wait_state("up", UP).unwrap();
+    check("handover", &vaned);
+
+    // Reconnecting: the tunnel is killed and, before it is back, vaned
+    // too; the next vaned starts at once.
+    let t = vaned.tunnel_pid().unwrap();
+    vaned.proc_.owned.clear();
+    kill(Pid::from_raw(t as i32), Signal::SIGKILL).unwrap();
+    vaned.proc_.stop(Signal::SIGKILL).unwrap();
+    wait_until(Duration::from_secs(5), "the tunnel gone", || !alive(t)).unwrap();
+    vaned = lab.start_vaned(&[]).unwrap();
+    vaned.wait_state("up", UP).unwrap();
+    a.ping_until(NET4, UP).unwrap();
+    check("both killed while reconnecting", &vaned);
+
+    stop.store(true, Ordering::Relaxed);
+    traffic.join().unwrap().unwrap();
+}
