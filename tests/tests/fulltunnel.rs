@@ -335,6 +335,12 @@ fn lockdown_blocks_while_the_user_is_disconnected_until_released() {
         .unwrap();
     b.ip(&["addr", "add", &format!("{NET6}/128"), "dev", "lo"])
         .unwrap();
+    // The network's DNS server, on the local network (which this tunnel
+    // excludes): the kill switch keeps DNS from it all the same.
+    b.ip(&["addr", "add", "192.0.2.53/24", "dev", &lab.pair.veth_b])
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (local_dns, responder) = dns_responder(b, "192.0.2.53", true, stop.clone());
     let leaks = Leaks::install(b, &lab.server_if);
     let a = &lab.pair.a;
     let before_nft = nft_ruleset(a);
@@ -343,6 +349,7 @@ fn lockdown_blocks_while_the_user_is_disconnected_until_released() {
     let mut vaned = lab.start_vaned(&[]).unwrap();
     vaned.wait_state("up", UP).unwrap();
     a.ping_until(NET4, UP).unwrap();
+    let dns_baseline = local_dns.load(Ordering::Relaxed);
     let kill_switch =
         |v: &vane_e2e::vaned::Vaned| v.status().unwrap()["tunnel"]["kill_switch"].clone();
 
@@ -366,6 +373,9 @@ fn lockdown_blocks_while_the_user_is_disconnected_until_released() {
         "leaked during lockdown:\n{}",
         leaks.log()
     );
+    // Not one DNS query reached the local network's resolver since the
+    // tunnel came up (the traffic sends it one every millisecond).
+    assert_eq!(local_dns.load(Ordering::Relaxed), dns_baseline);
 
     // Released: traffic flows without the tunnel, and it is persisted.
     let o = vaned.ctl(&["lockdown", "off"]);
@@ -377,7 +387,7 @@ fn lockdown_blocks_while_the_user_is_disconnected_until_released() {
     a.ping_until(NET4, UP).unwrap();
     // The same counters see plain traffic once released.
     wait_until(UP, "plain traffic counted after the release", || {
-        leaks.beyond() > baseline
+        leaks.beyond() > baseline && local_dns.load(Ordering::Relaxed) > dns_baseline
     })
     .unwrap();
     let state: serde_json::Value =
@@ -400,6 +410,8 @@ fn lockdown_blocks_while_the_user_is_disconnected_until_released() {
     assert!(a.ping_ok(NET4));
     stop_traffic.store(true, Ordering::Relaxed);
     generator.join().unwrap().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    responder.join().unwrap().unwrap();
 }
 
 /// The tunnel's DNS server, on the server's side of the tunnel.

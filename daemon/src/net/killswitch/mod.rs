@@ -356,10 +356,30 @@ mod netns_tests {
             // The tunnel's mark: out.
             send("198.51.100.7:51820", Some(0x51)).unwrap();
             send("[2001:db8::7]:51820", Some(0x51)).unwrap();
-            // Allowed local networks: out.
-            send("192.168.50.9:53", None).unwrap();
-            send("[fd50::9]:53", None).unwrap();
-            // Into the tunnel device: out.
+            // Allowed local networks: out, but not DNS (a resolver there
+            // would see every name outside the tunnel), UDP or TCP.
+            send("192.168.50.9:9", None).unwrap();
+            send("[fd50::9]:9", None).unwrap();
+            for to in ["192.168.50.9:53", "[fd50::9]:53", "192.168.50.9:853"] {
+                let r = send(to, None);
+                assert!(eperm(&r), "DNS to {to}: {r:?}");
+            }
+            // TCP: the SYN is dropped by the DNS rule (its counter), where
+            // another port's SYN passes.
+            let _ = std::net::TcpStream::connect_timeout(
+                &"192.168.50.9:53".parse().unwrap(),
+                std::time::Duration::from_millis(100),
+            );
+            let listed = run("nft", &["list", "table", "inet", "vane"]);
+            let tcp_dns = listed
+                .lines()
+                .find(|l| l.contains("tcp dport { 53, 853 }"))
+                .unwrap_or_else(|| panic!("no TCP DNS rule in {listed}"));
+            assert!(
+                !tcp_dns.contains("counter packets 0 "),
+                "the TCP DNS SYN was not dropped by its rule: {tcp_dns}"
+            );
+            // Into the tunnel device: out, DNS too.
             send("203.0.113.5:53", None).unwrap();
             // Loopback: out.
             send("127.0.0.1:9", None).unwrap();

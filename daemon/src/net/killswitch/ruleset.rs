@@ -94,6 +94,8 @@ const FAMILY: &str = "inet";
 const TABLE: &str = "vane";
 /// On every rule that drops, so `nft list ruleset` says whose it is.
 pub const DROP_COMMENT: &str = "vane kill switch: outside the tunnel (managed by vaned)";
+/// On the rules that drop DNS outside the tunnel.
+pub const DNS_COMMENT: &str = "vane kill switch: DNS outside the tunnel (managed by vaned)";
 
 fn prefix_elems<N: std::fmt::Display>(nets: &[N]) -> Vec<Value> {
     nets.iter()
@@ -180,6 +182,27 @@ pub fn ruleset(spec: &Spec) -> Result<Value, SpecError> {
     cmds.push(chain_obj("forward", "forward"));
     let allowed = |chain: &str| {
         vec![
+            // DNS leaves by the tunnel (or loopback, to a local stub) only:
+            // not to a resolver on an allowed local network either, where a
+            // DHCP client's resolv.conf would send every name.
+            rule_obj(
+                chain,
+                vec![
+                    eq(payload("udp", "dport"), json!({"set": [53, 853]})),
+                    json!({"counter": {"packets": 0, "bytes": 0}}),
+                    json!({"drop": null}),
+                ],
+                Some(DNS_COMMENT),
+            ),
+            rule_obj(
+                chain,
+                vec![
+                    eq(payload("tcp", "dport"), json!({"set": [53, 853]})),
+                    json!({"counter": {"packets": 0, "bytes": 0}}),
+                    json!({"drop": null}),
+                ],
+                Some(DNS_COMMENT),
+            ),
             rule_obj(
                 chain,
                 vec![eq(payload("ip", "daddr"), json!("@allow4")), accept()],
@@ -353,10 +376,33 @@ mod tests {
             .collect();
         let output: Vec<&&Value> = rules.iter().filter(|r| r["chain"] == "output").collect();
         let forward: Vec<&&Value> = rules.iter().filter(|r| r["chain"] == "forward").collect();
-        assert_eq!((output.len(), forward.len()), (9, 4));
+        assert_eq!((output.len(), forward.len()), (11, 6));
         // The interface name and the mark are plain JSON values.
         assert_eq!(output[1]["expr"][0]["match"]["right"], "wg0");
         assert_eq!(output[2]["expr"][0]["match"]["right"], 0xca6c);
+        // DNS (UDP and TCP 53 and 853) is dropped before the allowed
+        // networks are accepted: a resolver on the local network is not
+        // reached outside the tunnel.
+        for chain in [&output, &forward] {
+            let dns: Vec<usize> = chain
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r["comment"] == DNS_COMMENT)
+                .map(|(i, _)| i)
+                .collect();
+            let allow = chain
+                .iter()
+                .position(|r| r["expr"][0]["match"]["right"] == "@allow4")
+                .unwrap();
+            assert_eq!(dns, [allow - 2, allow - 1]);
+            for (i, proto) in [(dns[0], "udp"), (dns[1], "tcp")] {
+                let m = &chain[i]["expr"][0]["match"];
+                assert_eq!(m["left"]["payload"]["protocol"], proto);
+                assert_eq!(m["left"]["payload"]["field"], "dport");
+                assert_eq!(m["right"], json!({"set": [53, 853]}));
+                assert_eq!(chain[i]["expr"][2], json!({"drop": null}));
+            }
+        }
         // Each chain ends in a counted drop.
         for chain in [&output, &forward] {
             let last = chain.last().unwrap();
