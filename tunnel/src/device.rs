@@ -63,6 +63,9 @@ pub struct Device {
     /// Written when `socket` is replaced: a worker then swaps the new
     /// socket into the epoll set.
     socket_changed: EventFd,
+    /// Whether the configuration has a private key: the data path starts
+    /// only then (see [`Device::run`]).
+    keyed: tokio::sync::watch::Sender<bool>,
     pub counters: Counters,
 }
 
@@ -243,8 +246,10 @@ impl Device {
             &DeviceConfig::default(),
             &config,
         ));
+        let keyed = tokio::sync::watch::Sender::new(config.private_key.is_some());
         Ok(Arc::new(Device {
             tun,
+            keyed,
             active: Mutex::new(Active {
                 config,
                 table: Arc::clone(&table),
@@ -327,6 +332,7 @@ impl Device {
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&table);
         active.table = table;
         active.config = new;
+        self.keyed.send_replace(active.config.private_key.is_some());
         debug!(
             peers = active.config.peers.len(),
             port = self.listen_port(),
@@ -349,7 +355,18 @@ impl Device {
     /// other waiter is woken for nothing (docs/performance.md has the
     /// measurements). Dropping the future signals the threads (an eventfd
     /// in the set and in the helper's poll, never drained) and joins them.
+    ///
+    /// Without a private key nothing can be encrypted or decrypted: the
+    /// data path starts with the first configuration that has one. Until
+    /// then what the host sends to the device waits in its queue (and
+    /// datagrams in the socket's buffer) instead of being read and dropped
+    /// for want of a peer: a tunnel vaned starts is attached and answering
+    /// its userspace API before vaned configures it.
     pub async fn run(self: Arc<Self>) -> io::Result<()> {
+        let mut keyed = self.keyed.subscribe();
+        if keyed.wait_for(|k| *k).await.is_err() {
+            return Err(io::Error::other("the device went away"));
+        }
         let stop = Arc::new(new_eventfd()?);
         let plane = Arc::new(DataPlane::new(&self, &stop)?);
         let mut threads = Threads {
