@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod leaks;
 pub mod stream;
 pub mod vaned;
 

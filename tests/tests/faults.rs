@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use vane_e2e::leaks::Leaks;
 use vane_e2e::vaned::{text, Lab};
 use vane_e2e::{wait_until, Netns};
 
@@ -47,52 +48,6 @@ fn lockdown_lab() -> Lab {
     a.ip(&["-6", "route", "add", "default", "via", "fd00:77::2"])
         .unwrap();
     lab
-}
-
-/// nftables counters in the server's namespace: `leak` counts what arrives
-/// from the client over the underlay that is not the tunnel's UDP.
-struct Leaks<'a> {
-    ns: &'a Netns,
-}
-
-impl<'a> Leaks<'a> {
-    fn install(ns: &'a Netns, server_if: &str) -> Leaks<'a> {
-        let script = format!(
-            "table inet vanefaults {{\n\
-             counter tunnel {{}}\n\
-             counter leak {{}}\n\
-             chain pre {{\n\
-             type filter hook prerouting priority -300; policy accept;\n\
-             iifname {{ \"lo\", \"{server_if}\" }} return\n\
-             udp dport 51820 counter name \"tunnel\" return\n\
-             icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-report, mld2-listener-report }} return\n\
-             counter name \"leak\" log prefix \"vane-leak \"\n\
-             }}\n\
-             }}\n"
-        );
-        let dir = vane_e2e::TempDir::new().unwrap();
-        let path = dir.write("leak.nft", &script).unwrap();
-        ns.exec("nft", &["-f", &path.display().to_string()])
-            .unwrap();
-        Leaks { ns }
-    }
-
-    fn packets(&self, name: &str) -> u64 {
-        let out = self
-            .ns
-            .exec("nft", &["list", "counter", "inet", "vanefaults", name])
-            .unwrap();
-        let words: Vec<&str> = out.split_whitespace().collect();
-        words
-            .windows(2)
-            .find(|w| w[0] == "packets")
-            .and_then(|w| w[1].parse().ok())
-            .unwrap_or_else(|| panic!("no packet count in {out}"))
-    }
-
-    fn leaked(&self) -> u64 {
-        self.packets("leak")
-    }
 }
 
 /// UDP every millisecond until `stop`: to NET4 and NET6 beyond the
@@ -140,7 +95,7 @@ fn alive(pid: u32) -> bool {
 #[test]
 fn lockdown_holds_when_both_processes_are_killed_and_the_next_vaned_starts_at_once() {
     let lab = lockdown_lab();
-    let leaks = Leaks::install(&lab.pair.b, &lab.server_if);
+    let leaks = Leaks::install(&lab.pair.b, &lab.server_if, NET4, NET6);
     let a = &lab.pair.a;
     let stop = Arc::new(AtomicBool::new(false));
     let rounds = Arc::new(AtomicU64::new(0));
@@ -418,22 +373,7 @@ fn a_connect_loses_no_datagram_the_kernel_accepted() {
         let o = vaned.ctl(&["up"]);
         assert!(o.status.success(), "{}", text(&o));
         vaned.wait_state("up", UP).unwrap();
-        // Until datagrams sent after the connect have arrived, and 100 ms
-        // more (the window's end).
-        let connected = Instant::now();
-        wait_until(UP, "datagrams through the new tunnel", || {
-            let accepted = numbered.accepted.lock().unwrap();
-            let delivered = numbered.delivered.lock().unwrap();
-            accepted
-                .iter()
-                .any(|(seq, at)| *at > connected && delivered.contains(seq))
-        })
-        .unwrap();
-        let settle = Instant::now();
-        wait_until(UP, "the window's end", || {
-            settle.elapsed() > Duration::from_millis(150)
-        })
-        .unwrap();
+        settle(&numbered);
         let (lost, accepted) = numbered.lost_since(since);
         report.push((accepted, lost.len()));
         assert!(
@@ -479,7 +419,7 @@ fn replacing_vaned_in_lockdown_on_wifi_loses_and_leaks_nothing() {
     ))
     .unwrap();
     lab.set_ssid(&format!("{veth} CafeNet\n")).unwrap();
-    let leaks = Leaks::install(&lab.pair.b, &lab.server_if);
+    let leaks = Leaks::install(&lab.pair.b, &lab.server_if, NET4, NET6);
     let mut vaned = lab.start_vaned(&[]).unwrap();
     let s = vaned.wait_state("up", UP).unwrap();
     assert_eq!(s["network"]["ssid"], "CafeNet", "{s:#}");
@@ -537,7 +477,7 @@ fn kill_and_wait(pid: u32) {
 #[test]
 fn lockdown_leaks_nothing_through_a_sequence_of_faults() {
     let lab = lockdown_lab();
-    let leaks = Leaks::install(&lab.pair.b, &lab.server_if);
+    let leaks = Leaks::install(&lab.pair.b, &lab.server_if, NET4, NET6);
     let a = &lab.pair.a;
     let stop = Arc::new(AtomicBool::new(false));
     let rounds = Arc::new(AtomicU64::new(0));

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use vane_e2e::leaks::Leaks;
 use vane_e2e::vaned::{text, Lab};
 use vane_e2e::{wait_until, Netns};
 
@@ -58,70 +59,6 @@ fn lab(exclude_local: bool) -> Lab {
     lab
 }
 
-/// nftables counters in the server's namespace (see the module comment).
-struct Leaks<'a> {
-    ns: &'a Netns,
-}
-
-impl<'a> Leaks<'a> {
-    fn install(ns: &'a Netns, server_if: &str) -> Leaks<'a> {
-        let script = format!(
-            "table inet vanetest {{\n\
-             counter tunnel {{}}\n\
-             counter leak {{}}\n\
-             counter beyond {{}}\n\
-             chain pre {{\n\
-             type filter hook prerouting priority -300; policy accept;\n\
-             iifname {{ \"lo\", \"{server_if}\" }} return\n\
-             udp dport 51820 counter name \"tunnel\" return\n\
-             icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-report, mld2-listener-report }} return\n\
-             ip daddr {NET4} counter name \"beyond\"\n\
-             ip6 daddr {NET6} counter name \"beyond\"\n\
-             counter name \"leak\"\n\
-             }}\n\
-             }}\n"
-        );
-        let dir = vane_e2e::TempDir::new().unwrap();
-        let path = dir.write("leak.nft", &script).unwrap();
-        ns.exec("nft", &["-f", &path.display().to_string()])
-            .unwrap();
-        Leaks { ns }
-    }
-
-    fn packets(&self, name: &str) -> u64 {
-        let out = self
-            .ns
-            .exec("nft", &["list", "counter", "inet", "vanetest", name])
-            .unwrap();
-        let words: Vec<&str> = out.split_whitespace().collect();
-        words
-            .windows(2)
-            .find(|w| w[0] == "packets")
-            .and_then(|w| w[1].parse().ok())
-            .unwrap_or_else(|| panic!("no packet count in {out}"))
-    }
-
-    fn leaked(&self) -> u64 {
-        self.packets("leak")
-    }
-
-    /// Leaked packets for the hosts beyond the gateway (what a kill
-    /// switch must stop even when the local networks are excluded).
-    fn beyond(&self) -> u64 {
-        self.packets("beyond")
-    }
-
-    fn tunnel(&self) -> u64 {
-        self.packets("tunnel")
-    }
-
-    fn log(&self) -> String {
-        self.ns
-            .exec("nft", &["list", "table", "inet", "vanetest"])
-            .unwrap_or_default()
-    }
-}
-
 /// What vane must leave as it found it: rules and routes of both families.
 fn routing(ns: &Netns) -> String {
     [
@@ -139,7 +76,7 @@ fn routing(ns: &Netns) -> String {
 #[test]
 fn everything_goes_through_the_tunnel_and_routing_is_restored() {
     let lab = lab(true);
-    let leaks = Leaks::install(&lab.pair.b, &lab.server_if);
+    let leaks = Leaks::install(&lab.pair.b, &lab.server_if, NET4, NET6);
     let a = &lab.pair.a;
     let before = routing(a);
     // Without vane, the "internet" is reached over the underlay.
@@ -243,7 +180,7 @@ fn everything_goes_through_the_tunnel_and_routing_is_restored() {
 #[test]
 fn without_exclude_local_networks_the_local_subnet_goes_through_the_tunnel() {
     let lab = lab(false);
-    let leaks = Leaks::install(&lab.pair.b, &lab.server_if);
+    let leaks = Leaks::install(&lab.pair.b, &lab.server_if, NET4, NET6);
     let a = &lab.pair.a;
     let vaned = lab.start_vaned(&[]).unwrap();
     vaned.wait_state("up", UP).unwrap();
@@ -341,7 +278,7 @@ fn lockdown_blocks_while_the_user_is_disconnected_until_released() {
         .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let (local_dns, responder) = dns_responder(b, "192.0.2.53", true, stop.clone());
-    let leaks = Leaks::install(b, &lab.server_if);
+    let leaks = Leaks::install(b, &lab.server_if, NET4, NET6);
     let a = &lab.pair.a;
     let before_nft = nft_ruleset(a);
     let stop_traffic = Arc::new(AtomicBool::new(false));
@@ -534,7 +471,7 @@ fn nothing_leaks_through_connect_a_tunnel_kill_a_roam_and_disconnect() {
     let stop = Arc::new(AtomicBool::new(false));
     let (tunnel_queries, responder) = dns_responder(b, TUNNEL_DNS, false, stop.clone());
     let (network_queries, network_responder) = dns_responder(b, "192.0.2.53", true, stop.clone());
-    let leaks = Leaks::install(b, &lab.server_if);
+    let leaks = Leaks::install(b, &lab.server_if, NET4, NET6);
     let a = &lab.pair.a;
     let second = lab.second_uplink().unwrap();
     let before_nft = nft_ruleset(a);

@@ -1,0 +1,79 @@
+//! Leaks counted on the wire: nftables counters in the server's namespace
+//! count every packet arriving from the client over the underlay (any
+//! interface but loopback and the server's WireGuard interface) that is
+//! not the tunnel's encrypted UDP or neighbour discovery. Traffic through
+//! the tunnel arrives on the server's WireGuard interface instead. Each
+//! counted packet is also logged with the prefix `vane-leak ` (the
+//! kernel log), to find out what it was.
+
+use crate::{Netns, TempDir};
+
+pub struct Leaks<'a> {
+    ns: &'a Netns,
+}
+
+impl<'a> Leaks<'a> {
+    /// Installs the counters in `ns` (the server's namespace, whose
+    /// WireGuard interface is `server_if`); `beyond4` and `beyond6` are
+    /// hosts beyond the client's gateway, counted apart as well (what a
+    /// kill switch must stop even where the local networks are excluded
+    /// from the tunnel).
+    pub fn install(ns: &'a Netns, server_if: &str, beyond4: &str, beyond6: &str) -> Leaks<'a> {
+        let script = format!(
+            "table inet vanetest {{\n\
+             counter tunnel {{}}\n\
+             counter leak {{}}\n\
+             counter beyond {{}}\n\
+             chain pre {{\n\
+             type filter hook prerouting priority -300; policy accept;\n\
+             iifname {{ \"lo\", \"{server_if}\" }} return\n\
+             udp dport 51820 counter name \"tunnel\" return\n\
+             icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-report, mld2-listener-report }} return\n\
+             ip daddr {beyond4} counter name \"beyond\"\n\
+             ip6 daddr {beyond6} counter name \"beyond\"\n\
+             counter name \"leak\" log prefix \"vane-leak \"\n\
+             }}\n\
+             }}\n"
+        );
+        let dir = TempDir::new().unwrap();
+        let path = dir.write("leak.nft", &script).unwrap();
+        ns.exec("nft", &["-f", &path.display().to_string()])
+            .unwrap();
+        Leaks { ns }
+    }
+
+    fn packets(&self, name: &str) -> u64 {
+        let out = self
+            .ns
+            .exec("nft", &["list", "counter", "inet", "vanetest", name])
+            .unwrap();
+        let words: Vec<&str> = out.split_whitespace().collect();
+        words
+            .windows(2)
+            .find(|w| w[0] == "packets")
+            .and_then(|w| w[1].parse().ok())
+            .unwrap_or_else(|| panic!("no packet count in {out}"))
+    }
+
+    /// Every packet that left outside the tunnel.
+    pub fn leaked(&self) -> u64 {
+        self.packets("leak")
+    }
+
+    /// Those of them for the hosts beyond the gateway.
+    pub fn beyond(&self) -> u64 {
+        self.packets("beyond")
+    }
+
+    /// The tunnel's own encrypted UDP.
+    pub fn tunnel(&self) -> u64 {
+        self.packets("tunnel")
+    }
+
+    /// The counters as nft lists them, for a failure's message.
+    pub fn log(&self) -> String {
+        self.ns
+            .exec("nft", &["list", "table", "inet", "vanetest"])
+            .unwrap_or_default()
+    }
+}
