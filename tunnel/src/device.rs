@@ -372,6 +372,7 @@ impl Device {
         let mut threads = Threads {
             stop: Arc::clone(&stop),
             handles: Vec::new(),
+            drain: Some((Arc::clone(&self), Arc::clone(&plane))),
         };
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
         type Body = fn(&Device, &EventFd, &DataPlane) -> io::Result<()>;
@@ -569,6 +570,21 @@ impl Device {
         Ok(SideRead::Sent)
     }
 
+    /// After the threads have stopped: the packets the host had already
+    /// queued on the device (a sender was told they went out) are read and
+    /// sent on, at most [`DRAIN_ROUNDS`] reads, instead of dying with the
+    /// process. vaned takes the routes away first, so nothing new comes.
+    fn drain_tun(&self, plane: &DataPlane) {
+        let Ok(stop) = new_eventfd() else {
+            return;
+        };
+        let mut reader = plane.tun.lock().unwrap_or_else(|e| e.into_inner());
+        let reader = reader.get_or_insert_with(TunReader::new);
+        if let Err(e) = read_side(true, || self.read_tun(reader, &stop)) {
+            debug!(error = %e, "draining the TUN device");
+        }
+    }
+
     /// UDP -> peer by index or static key -> decapsulate -> TUN: one
     /// `recvmmsg` of up to 32 datagrams, each possibly a run of segments
     /// the kernel coalesced (UDP GRO). The decrypted packets are written
@@ -764,6 +780,9 @@ impl UapiHandler for Device {
 struct Threads {
     stop: Arc<EventFd>,
     handles: Vec<std::thread::JoinHandle<()>>,
+    /// Once they are joined, what the host had already queued on the TUN
+    /// device is read and sent on ([`Device::drain_tun`]).
+    drain: Option<(Arc<Device>, Arc<DataPlane>)>,
 }
 
 impl Drop for Threads {
@@ -772,6 +791,9 @@ impl Drop for Threads {
         let _ = self.stop.write(1);
         for handle in self.handles.drain(..) {
             let _ = handle.join();
+        }
+        if let Some((device, plane)) = self.drain.take() {
+            device.drain_tun(&plane);
         }
     }
 }
