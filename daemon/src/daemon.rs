@@ -144,7 +144,7 @@ pub async fn run(options: Options) -> Result<Exit> {
     // A table an earlier run left is kept (replaced in one transaction);
     // without lockdown it stays until the first decision says whether it
     // is wanted (the worker leaves the kill switch alone until told).
-    match crate::net::killswitch::present() {
+    let stale_table = match crate::net::killswitch::present() {
         Ok(true) => {
             if plan.full.is_some() {
                 info!("a kill switch table from an earlier run is in place; it stays until the rules decide");
@@ -152,14 +152,36 @@ pub async fn run(options: Options) -> Result<Exit> {
                 warn!("a kill switch table from an earlier run is in place; the rules decide whether it stays");
             }
             worker.adopt_stale_kill_switch();
+            true
         }
-        Ok(false) => {}
+        Ok(false) => false,
         // No nft: there can be no table to repair; a full tunnel reports it.
-        Err(e) => info!("cannot look for a kill switch left by an earlier run: {e}"),
-    }
-    if plan.full.is_some() && rules.rules().tunnel.lockdown && !intent.lockdown_released {
+        Err(e) => {
+            info!("cannot look for a kill switch left by an earlier run: {e}");
+            false
+        }
+    };
+    // Any table of ours blocks what leaves outside the tunnel; replacing
+    // one now (before the local subnets are known) would only block the
+    // local networks for a moment on every handover.
+    if plan.full.is_some()
+        && rules.rules().tunnel.lockdown
+        && !intent.lockdown_released
+        && !stale_table
+    {
         info!("lockdown: the kill switch goes on before anything else");
         worker.set_protect(true);
+    }
+    if plan.full.is_some() && plan.dns_servers.is_empty() {
+        warn!(
+            interface = %plan.ifname,
+            "a full tunnel without `DNS =` in its configuration: names go to the network's resolver{}",
+            if rules.rules().tunnel.exclude_local_networks {
+                ", outside the tunnel when it is on the local network"
+            } else {
+                ", through the tunnel"
+            }
+        );
     }
     // A tunnel process left by an earlier vaned (killed, crashed, or
     // handed over) is adopted when it can be: then what that vaned set up

@@ -252,6 +252,16 @@ impl Worker {
         self.sync_kill_switch();
     }
 
+    /// The kill switch the plan and the local subnets make.
+    fn shield_spec(&self, ft: &FullTunnel) -> killswitch::Spec {
+        killswitch::Spec {
+            tunnel_if: self.plan.ifname.clone(),
+            fwmark: ft.fwmark,
+            allow_nets: routing::kill_switch_allowed(ft, &self.locals),
+            block_dns: !self.plan.dns_servers.is_empty(),
+        }
+    }
+
     /// Makes the kill switch what the plan, the local subnets and the
     /// daemon's wish say. `apply` replaces the table in one transaction,
     /// so a change (new local subnets) never opens a gap.
@@ -260,11 +270,7 @@ impl Worker {
             return;
         };
         let want = match (&self.plan.full, protect) {
-            (Some(ft), true) => Some(killswitch::Spec {
-                tunnel_if: self.plan.ifname.clone(),
-                fwmark: ft.fwmark,
-                allow_nets: routing::kill_switch_allowed(ft, &self.locals),
-            }),
+            (Some(ft), true) => Some(self.shield_spec(ft)),
             _ => None,
         };
         if want == self.shield && !self.stale_shield {
@@ -637,11 +643,7 @@ impl Worker {
         self.protect = Some(protect);
         if let (Some(ft), true, true) = (&self.plan.full, protect, self.stale_shield) {
             // The table in place is the one this plan makes.
-            self.shield = Some(killswitch::Spec {
-                tunnel_if: self.plan.ifname.clone(),
-                fwmark: ft.fwmark,
-                allow_nets: routing::kill_switch_allowed(ft, &self.locals),
-            });
+            self.shield = Some(self.shield_spec(ft));
             self.stale_shield = false;
             let _ = self.reports.send(Report::KillSwitch {
                 active: true,

@@ -8,11 +8,14 @@
 //!   DHCPv6 client requests, ICMPv6 router/neighbour discovery and MLD (the
 //!   solicited-node multicast groups NDP relies on are joined with MLD
 //!   reports, which snooping switches need to see), and destinations in the
-//!   allowed networks; it drops everything else. An output drop makes the
+//!   allowed networks, except DNS (UDP and TCP 53 and 853) when the tunnel
+//!   has DNS servers of its own ([`Spec::block_dns`]); it drops everything
+//!   else. An output drop makes the
 //!   sender's `send` fail with EPERM, so applications learn at once instead
 //!   of timing out.
 //! - forward: drops forwarded packets leaving by any interface other than
-//!   the tunnel unless their destination is in the allowed networks.
+//!   the tunnel unless their destination is in the allowed networks (DNS
+//!   likewise not, with `block_dns`).
 //!   Consequence for containers and VMs on this host (docker, podman,
 //!   libvirt bridges routed or NATed by the host): while the kill switch is
 //!   on, their traffic reaches only the allowed networks directly; anything
@@ -44,6 +47,11 @@ pub struct Spec {
     /// Destinations allowed outside the tunnel (local subnets and
     /// link-local when `exclude_local_networks`); may be empty.
     pub allow_nets: Vec<IpNet>,
+    /// No DNS to the allowed destinations either: the tunnel has DNS
+    /// servers of its own, so a query to a resolver on the local network
+    /// is a name told outside the tunnel. (Without them the network's
+    /// resolver is the only one, and blocking it would leave no DNS.)
+    pub block_dns: bool,
 }
 /// A [`Spec`] the kill switch cannot be built from.
 #[derive(Debug, thiserror::Error)]
@@ -181,11 +189,12 @@ pub fn ruleset(spec: &Spec) -> Result<Value, SpecError> {
     cmds.push(chain_obj("output", "output"));
     cmds.push(chain_obj("forward", "forward"));
     let allowed = |chain: &str| {
-        vec![
+        let mut rules = Vec::new();
+        if spec.block_dns {
             // DNS leaves by the tunnel (or loopback, to a local stub) only:
-            // not to a resolver on an allowed local network either, where a
-            // DHCP client's resolv.conf would send every name.
-            rule_obj(
+            // not to a resolver on an allowed local network either, where
+            // a DHCP client's resolv.conf would send every name.
+            rules.push(rule_obj(
                 chain,
                 vec![
                     eq(payload("udp", "dport"), json!({"set": [53, 853]})),
@@ -193,8 +202,8 @@ pub fn ruleset(spec: &Spec) -> Result<Value, SpecError> {
                     json!({"drop": null}),
                 ],
                 Some(DNS_COMMENT),
-            ),
-            rule_obj(
+            ));
+            rules.push(rule_obj(
                 chain,
                 vec![
                     eq(payload("tcp", "dport"), json!({"set": [53, 853]})),
@@ -202,7 +211,9 @@ pub fn ruleset(spec: &Spec) -> Result<Value, SpecError> {
                     json!({"drop": null}),
                 ],
                 Some(DNS_COMMENT),
-            ),
+            ));
+        }
+        rules.extend([
             rule_obj(
                 chain,
                 vec![eq(payload("ip", "daddr"), json!("@allow4")), accept()],
@@ -221,7 +232,8 @@ pub fn ruleset(spec: &Spec) -> Result<Value, SpecError> {
                 ],
                 Some(DROP_COMMENT),
             ),
-        ]
+        ]);
+        rules
     };
     let output = "output";
     cmds.push(rule_obj(
@@ -305,6 +317,7 @@ mod tests {
             tunnel_if: "wg0".into(),
             fwmark: 0xca6c,
             allow_nets: nets.iter().map(|n| n.parse().unwrap()).collect(),
+            block_dns: true,
         }
     }
 
@@ -409,6 +422,20 @@ mod tests {
             assert_eq!(last["expr"][1], json!({"drop": null}));
             assert_eq!(last["comment"], DROP_COMMENT);
         }
+    }
+
+    #[test]
+    fn without_tunnel_dns_the_local_resolver_stays_reachable() {
+        let mut s = spec(&["192.168.1.0/24"]);
+        s.block_dns = false;
+        let doc = ruleset(&s).unwrap();
+        let rules: Vec<Value> = commands(&doc)
+            .into_iter()
+            .filter(|(_, k, _)| k == "rule")
+            .map(|(_, _, b)| b)
+            .collect();
+        assert!(rules.iter().all(|r| r["comment"] != DNS_COMMENT));
+        assert_eq!(rules.len(), 9 + 4);
     }
 
     #[test]
