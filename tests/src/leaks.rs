@@ -43,16 +43,7 @@ impl<'a> Leaks<'a> {
     }
 
     fn packets(&self, name: &str) -> u64 {
-        let out = self
-            .ns
-            .exec("nft", &["list", "counter", "inet", "vanetest", name])
-            .unwrap();
-        let words: Vec<&str> = out.split_whitespace().collect();
-        words
-            .windows(2)
-            .find(|w| w[0] == "packets")
-            .and_then(|w| w[1].parse().ok())
-            .unwrap_or_else(|| panic!("no packet count in {out}"))
+        nft_counter(self.ns, "vanetest", name)
     }
 
     /// Every packet that left outside the tunnel.
@@ -76,4 +67,17 @@ impl<'a> Leaks<'a> {
             .exec("nft", &["list", "table", "inet", "vanetest"])
             .unwrap_or_default()
     }
+}
+
+/// The packets the named counter of `table inet TABLE` in `ns` has seen.
+pub fn nft_counter(ns: &Netns, table: &str, name: &str) -> u64 {
+    let out = ns
+        .exec("nft", &["list", "counter", "inet", table, name])
+        .unwrap();
+    let words: Vec<&str> = out.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[0] == "packets")
+        .and_then(|w| w[1].parse().ok())
+        .unwrap_or_else(|| panic!("no packet count in {out}"))
 }

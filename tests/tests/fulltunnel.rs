@@ -217,7 +217,24 @@ fn after_a_crash_the_next_vaned_repairs_routing_firewall_and_dns_first() {
     let original_resolv = std::fs::read(&lab.resolv_conf).unwrap();
     let mut vaned = lab.start_vaned(&[]).unwrap();
     vaned.wait_state("up", UP).unwrap();
+    // vaned and the tunnel crash together; nothing cleans up after them
+    // (the tunnel's userspace API socket stays, as on a real host).
+    let tunnel = vaned.tunnel_pid().unwrap();
+    vaned.proc_.owned.clear();
     vaned.proc_.stop(nix::sys::signal::Signal::SIGKILL).unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tunnel as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    wait_until(UP, "the tunnel process gone", || {
+        let stat = std::fs::read_to_string(format!("/proc/{tunnel}/stat")).unwrap_or_default();
+        stat.is_empty()
+            || stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+    })
+    .unwrap();
     let left = a.ip(&["rule"]).unwrap();
     assert!(
         left.contains("proto 118"),
@@ -263,7 +280,9 @@ fn lockdown_blocks_while_the_user_is_disconnected_until_released() {
             "exclude_local_networks = true\nlockdown = true\n",
         ),
         "0.0.0.0/0, ::/0",
-        "",
+        // With DNS servers of its own, the kill switch keeps DNS in the
+        // tunnel, also from the local network's resolver.
+        &format!("DNS = {TUNNEL_DNS}"),
     )
     .unwrap();
     ipv6_default_route(&lab);
@@ -290,7 +309,10 @@ fn lockdown_blocks_while_the_user_is_disconnected_until_released() {
     let kill_switch =
         |v: &vane_e2e::vaned::Vaned| v.status().unwrap()["tunnel"]["kill_switch"].clone();
 
-    // The user disconnects: in lockdown, nothing leaves unprotected.
+    // The user disconnects: in lockdown, nothing leaves unprotected, from
+    // the moment of the `down` on (while up, this traffic arrives through
+    // the tunnel and is not counted).
+    let baseline = leaks.beyond();
     let o = vaned.ctl(&["down"]);
     assert!(o.status.success(), "{}", text(&o));
     vaned.wait_state("down", UP).unwrap();
@@ -298,7 +320,6 @@ fn lockdown_blocks_while_the_user_is_disconnected_until_released() {
     assert_eq!(k["active"], true, "{k}");
     assert_eq!(k["lockdown"], true, "{k}");
     assert_eq!(k["released"], false, "{k}");
-    let baseline = leaks.beyond();
     assert!(!a.ping_ok(NET4), "plain traffic left during lockdown");
     // Counted on the wire, both families, with the traffic running all
     // along: nothing for a host beyond the gateway left the uplink while
