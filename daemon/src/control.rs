@@ -204,17 +204,17 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
             }
             Err(message) => {
                 debug!(?uid, "control connection refused: {message}");
-                tokio::spawn(async move {
-                    let mut s = stream;
-                    let line = proto::encode(&ServerMessage::Error {
-                        id: 0,
-                        error: ProtoError {
-                            code: ErrorCode::Failed,
-                            message,
-                        },
-                    });
-                    let _ = tokio::time::timeout(Duration::from_secs(1), s.write_all(&line)).await;
+                // Written without waiting (a short line into a fresh
+                // socket's empty buffer) and closed at once: a flood of
+                // refused connections holds no task and no descriptor.
+                let line = proto::encode(&ServerMessage::Error {
+                    id: 0,
+                    error: ProtoError {
+                        code: ErrorCode::Failed,
+                        message,
+                    },
                 });
+                let _ = stream.try_write(&line);
             }
         }
     }
