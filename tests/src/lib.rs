@@ -36,6 +36,13 @@ pub fn unique(tag: &str) -> String {
 }
 
 /// Fails the test at once, clearly, when not root.
+/// Whether process `pid` is gone (or a zombie nobody has reaped yet).
+pub fn process_gone(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+    matches!(state, None | Some('Z') | Some('X'))
+}
+
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),

@@ -82,16 +82,6 @@ fn senders(
     })
 }
 
-fn alive(pid: u32) -> bool {
-    // A zombie still answers kill(0): look at its state too.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat
-        .rsplit(')')
-        .next()
-        .and_then(|s| s.split_whitespace().next());
-    kill(Pid::from_raw(pid as i32), None).is_ok() && state.is_some_and(|s| s != "Z")
-}
-
 #[test]
 fn lockdown_holds_when_both_processes_are_killed_and_the_next_vaned_starts_at_once() {
     let lab = lockdown_lab();
@@ -122,7 +112,7 @@ fn lockdown_holds_when_both_processes_are_killed_and_the_next_vaned_starts_at_on
         kill(Pid::from_raw(tunnel as i32), Signal::SIGKILL).unwrap();
         vaned.proc_.stop(Signal::SIGKILL).unwrap();
         wait_until(Duration::from_secs(5), "the tunnel process gone", || {
-            !alive(tunnel)
+            vane_e2e::process_gone(tunnel)
         })
         .unwrap();
         let started = Instant::now();
@@ -464,7 +454,10 @@ fn replacing_vaned_in_lockdown_on_wifi_loses_and_leaks_nothing() {
 /// Kills `pid` and waits until it is gone.
 fn kill_and_wait(pid: u32) {
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
-    wait_until(Duration::from_secs(5), "the process gone", || !alive(pid)).unwrap();
+    wait_until(Duration::from_secs(5), "the process gone", || {
+        vane_e2e::process_gone(pid)
+    })
+    .unwrap();
 }
 
 #[test]
@@ -553,7 +546,10 @@ fn lockdown_leaks_nothing_through_a_sequence_of_faults() {
     vaned.proc_.owned.clear();
     kill(Pid::from_raw(t as i32), Signal::SIGKILL).unwrap();
     vaned.proc_.stop(Signal::SIGKILL).unwrap();
-    wait_until(Duration::from_secs(5), "the tunnel gone", || !alive(t)).unwrap();
+    wait_until(Duration::from_secs(5), "the tunnel gone", || {
+        vane_e2e::process_gone(t)
+    })
+    .unwrap();
     vaned = lab.start_vaned(&[]).unwrap();
     vaned.wait_state("up", UP).unwrap();
     a.ping_until(NET4, UP).unwrap();

@@ -227,12 +227,7 @@ fn after_a_crash_the_next_vaned_repairs_routing_firewall_and_dns_first() {
         nix::sys::signal::Signal::SIGKILL,
     );
     wait_until(UP, "the tunnel process gone", || {
-        let stat = std::fs::read_to_string(format!("/proc/{tunnel}/stat")).unwrap_or_default();
-        stat.is_empty()
-            || stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        vane_e2e::process_gone(tunnel)
     })
     .unwrap();
     let left = a.ip(&["rule"]).unwrap();

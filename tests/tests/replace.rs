@@ -61,13 +61,6 @@ fn signal(pid: u32, sig: Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
 }
 
-/// Whether `pid` is gone (or a zombie nobody reaped yet).
-fn gone(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
-    matches!(state, None | Some('Z') | Some('X'))
-}
-
 /// The server's latest handshake with vane (seconds since the epoch).
 fn server_handshake(lab: &Lab) -> u64 {
     let out = wg_show(&lab.pair.b, &lab.server_if, &["latest-handshakes"]).unwrap();
@@ -211,7 +204,7 @@ fn replace_vaned(s: &mut Setup, stop: Signal) {
     if stop == Signal::SIGUSR2 {
         assert_eq!(status.code(), Some(75), "a handover exits 75");
     }
-    assert!(!gone(tunnel), "the tunnel outlives vaned");
+    assert!(!vane_e2e::process_gone(tunnel), "the tunnel outlives vaned");
     s.vaned = s.lab.start_vaned_bin(&s.binary, &[]).unwrap();
     check_adopted(s, tunnel, handshake, &path);
 }
@@ -222,7 +215,10 @@ fn kill_both_processes(s: &mut Setup) -> u32 {
     s.vaned.proc_.owned.clear();
     s.vaned.proc_.stop(Signal::SIGKILL).unwrap();
     signal(tunnel, Signal::SIGKILL);
-    wait_until(UP, "the tunnel process to die", || gone(tunnel)).unwrap();
+    wait_until(UP, "the tunnel process to die", || {
+        vane_e2e::process_gone(tunnel)
+    })
+    .unwrap();
     tunnel
 }
 
@@ -421,7 +417,10 @@ fn a_handed_over_vaned_is_replaced_and_adopts_the_tunnel() {
     // SIGTERM still takes everything down, an adopted tunnel included.
     let status = vaned.proc_.stop(Signal::SIGTERM).unwrap();
     assert!(status.success(), "{status}");
-    assert!(gone(tunnel), "the adopted tunnel process was stopped");
+    assert!(
+        vane_e2e::process_gone(tunnel),
+        "the adopted tunnel process was stopped"
+    );
     assert!(lab
         .pair
         .a
@@ -473,7 +472,7 @@ fn vaned_and_the_tunnel_killed_together_reattach() {
         .start_vaned_bin(&lab.dir.path().join("vane-tunnel"), &[])
         .unwrap();
     vaned.wait_state("down", UP).unwrap();
-    assert!(gone(tunnel));
+    assert!(vane_e2e::process_gone(tunnel));
     wait_until(UP, "the interface removed", || {
         lab.pair
             .a
