@@ -82,6 +82,20 @@ fn senders(
     })
 }
 
+/// SIGKILLs the tunnel and vaned together, as on a host where both crash:
+/// nothing removes the dead tunnel's userspace API socket for the next
+/// vaned. Returns once both are gone.
+fn kill_both(vaned: &mut vane_e2e::vaned::Vaned) {
+    let tunnel = vaned.tunnel_pid().unwrap();
+    vaned.proc_.owned.clear();
+    kill(Pid::from_raw(tunnel as i32), Signal::SIGKILL).unwrap();
+    vaned.proc_.stop(Signal::SIGKILL).unwrap();
+    wait_until(Duration::from_secs(5), "the tunnel process gone", || {
+        vane_e2e::process_gone(tunnel)
+    })
+    .unwrap();
+}
+
 #[test]
 fn lockdown_holds_when_both_processes_are_killed_and_the_next_vaned_starts_at_once() {
     let lab = lockdown_lab();
@@ -105,16 +119,7 @@ fn lockdown_holds_when_both_processes_are_killed_and_the_next_vaned_starts_at_on
 
     let mut restarts = Vec::new();
     for round in 0..3 {
-        let tunnel = vaned.tunnel_pid().unwrap();
-        // As on a host where both crash: nothing removes the dead tunnel's
-        // userspace API socket for the next vaned.
-        vaned.proc_.owned.clear();
-        kill(Pid::from_raw(tunnel as i32), Signal::SIGKILL).unwrap();
-        vaned.proc_.stop(Signal::SIGKILL).unwrap();
-        wait_until(Duration::from_secs(5), "the tunnel process gone", || {
-            vane_e2e::process_gone(tunnel)
-        })
-        .unwrap();
+        kill_both(&mut vaned);
         let started = Instant::now();
         vaned = lab.start_vaned(&[]).unwrap();
         vaned.wait_state("up", UP).unwrap_or_else(|e| {
@@ -542,14 +547,7 @@ fn lockdown_leaks_nothing_through_a_sequence_of_faults() {
 
     // Reconnecting: the tunnel is killed and, before it is back, vaned
     // too; the next vaned starts at once.
-    let t = vaned.tunnel_pid().unwrap();
-    vaned.proc_.owned.clear();
-    kill(Pid::from_raw(t as i32), Signal::SIGKILL).unwrap();
-    vaned.proc_.stop(Signal::SIGKILL).unwrap();
-    wait_until(Duration::from_secs(5), "the tunnel gone", || {
-        vane_e2e::process_gone(t)
-    })
-    .unwrap();
+    kill_both(&mut vaned);
     vaned = lab.start_vaned(&[]).unwrap();
     vaned.wait_state("up", UP).unwrap();
     a.ping_until(NET4, UP).unwrap();
