@@ -272,6 +272,14 @@ pub struct TunnelStatus {
     /// to, and why (it did not run); the tunnel keeps its binary.
     #[serde(default)]
     pub binary_error: Option<String>,
+    /// How many times the tunnel's DNS was put back after another program
+    /// replaced resolv.conf while it was on, since the tunnel started.
+    #[serde(default)]
+    pub dns_reasserted: u32,
+    /// Why the tunnel's DNS is not in force although it should be (it
+    /// could not be put back, or another program keeps replacing it).
+    #[serde(default)]
+    pub dns_error: Option<String>,
 }
 
 /// The kill switch (nftables `table inet vane`) of a full tunnel.

@@ -119,6 +119,16 @@ pub fn status(st: &Status, now: SystemTime) -> String {
     if let Some(e) = &t.binary_error {
         let _ = writeln!(s, "  new binary refused: {e}");
     }
+    if t.dns_reasserted > 0 {
+        let _ = writeln!(
+            s,
+            "  tunnel DNS put back {} time(s) after resolv.conf was replaced",
+            t.dns_reasserted
+        );
+    }
+    if let Some(e) = &t.dns_error {
+        let _ = writeln!(s, "  tunnel DNS not in force: {e}");
+    }
     if let Some(k) = &t.kill_switch {
         let _ = writeln!(s, "  kill switch: {}", kill_switch(k));
     }

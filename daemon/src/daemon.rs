@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime};
 use anyhow::{Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{broadcast, mpsc};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use vane_ctl::proto::{Command, TunnelState};
 use vane_ctl::proto::{
     DaemonView, DecisionView, ErrorCode, Event, IntentView, KillSwitchView, NetworkView,
@@ -63,6 +63,8 @@ enum WorkerMsg {
     HandOver,
     /// Compare the tunnel binary on disk with the running one.
     CheckBinary,
+    /// resolv.conf changed: the tunnel's DNS may need putting back.
+    CheckDns,
 }
 
 /// How the loop ended.
@@ -107,6 +109,9 @@ struct Daemon {
     kill_switch_error: Option<String>,
     /// A new tunnel binary on disk that did not run, and why.
     binary_error: Option<String>,
+    /// The worker's last word on the tunnel's DNS (see `Report::Dns`).
+    dns_reasserted: u32,
+    dns_error: Option<String>,
 }
 
 /// Converts the observer's snapshot to what the rule engine reads.
@@ -243,7 +248,7 @@ pub async fn run(options: Options) -> Result<Exit> {
     worker.set_dns(crate::tunnel::TunnelDnsShell {
         manager: dns,
         observer: observer.resolv_conf_override(),
-        resolv_conf,
+        resolv_conf: resolv_conf.clone(),
         state_dir,
         applied: false,
     });
@@ -266,6 +271,7 @@ pub async fn run(options: Options) -> Result<Exit> {
                     worker.check_binary().await;
                 }
                 WorkerMsg::CheckBinary => worker.check_binary().await,
+                WorkerMsg::CheckDns => worker.check_dns().await,
                 WorkerMsg::HandOver => {
                     worker.hand_over();
                     return;
@@ -319,6 +325,24 @@ pub async fn run(options: Options) -> Result<Exit> {
     };
     let mut binary_check: Option<Instant> = None;
 
+    // resolv.conf written over by another program while the tunnel's DNS
+    // is on (the file backend) is put back; bursts coalesced likewise.
+    let (resolv_tx, mut resolv_rx) = mpsc::unbounded_channel::<()>();
+    let resolv_conf_path = resolv_conf;
+    let _resolv_watch = match vane_policy::reload::watch(&resolv_conf_path, move || {
+        let _ = resolv_tx.send(());
+    }) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            debug!(
+                "cannot watch {}: {e}; a tunnel DNS replaced by another program is not put back",
+                resolv_conf_path.display()
+            );
+            None
+        }
+    };
+    let mut resolv_check: Option<Instant> = None;
+
     let now = Instant::now();
     let mut d = Daemon {
         decision: engine::decide(
@@ -349,6 +373,8 @@ pub async fn run(options: Options) -> Result<Exit> {
         kill_switch_active: false,
         kill_switch_error: None,
         binary_error: None,
+        dns_reasserted: 0,
+        dns_error: None,
     };
     if let Some(found) = adoptable {
         // Up as the earlier vaned left it; the first evaluation below
@@ -436,6 +462,17 @@ pub async fn run(options: Options) -> Result<Exit> {
             _ = async { tokio::time::sleep_until(binary_check.unwrap_or_else(Instant::now).into()).await }, if binary_check.is_some() => {
                 binary_check = None;
                 let _ = d.worker.send(WorkerMsg::CheckBinary);
+            }
+            Some(()) = resolv_rx.recv() => {
+                // Checked a moment after the first event of a burst (not
+                // pushed back by the next ones: a program rewriting it
+                // without pause must still be noticed, and reported).
+                while resolv_rx.try_recv().is_ok() {}
+                resolv_check.get_or_insert_with(|| Instant::now() + BINARY_SETTLE);
+            }
+            _ = async { tokio::time::sleep_until(resolv_check.unwrap_or_else(Instant::now).into()).await }, if resolv_check.is_some() => {
+                resolv_check = None;
+                let _ = d.worker.send(WorkerMsg::CheckDns);
             }
             Some(()) = reload_rx.recv() => {
                 while reload_rx.try_recv().is_ok() {}
@@ -625,6 +662,11 @@ impl Daemon {
                 self.kill_switch_error = error;
                 Vec::new()
             }
+            Report::Dns { reasserted, error } => {
+                self.dns_reasserted = reasserted;
+                self.dns_error = error;
+                Vec::new()
+            }
         };
         self.dispatch(actions);
     }
@@ -785,6 +827,8 @@ impl Daemon {
                 peers: Vec::new(),
                 upgrades: self.supervisor.upgrades(),
                 binary_error: self.binary_error.clone(),
+                dns_reasserted: self.dns_reasserted,
+                dns_error: self.dns_error.clone(),
                 kill_switch: self.plan.full.map(|_| KillSwitchView {
                     active: self.kill_switch_active,
                     lockdown: rules.tunnel.lockdown,

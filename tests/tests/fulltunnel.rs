@@ -600,3 +600,83 @@ fn nothing_leaks_through_connect_a_tunnel_kill_a_roam_and_disconnect() {
     responder.join().unwrap().unwrap();
     network_responder.join().unwrap().unwrap();
 }
+
+/// Replaces the lab's resolv.conf the way a DHCP client does (a new file
+/// renamed over it).
+fn rewrite_resolv_conf(lab: &Lab, text: &str) {
+    let tmp = lab.resolv_conf.with_extension("dhclient-new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &lab.resolv_conf).unwrap();
+}
+
+#[test]
+fn the_tunnels_dns_is_put_back_when_another_program_replaces_it() {
+    let lab = Lab::new_with(
+        &rules(true),
+        "0.0.0.0/0, ::/0",
+        &format!("DNS = {TUNNEL_DNS}, tunnel.example"),
+    )
+    .unwrap();
+    let vaned = lab.start_vaned(&[]).unwrap();
+    vaned.wait_state("up", UP).unwrap();
+    let ours = |lab: &Lab| {
+        std::fs::read_to_string(&lab.resolv_conf)
+            .unwrap_or_default()
+            .contains(&format!("nameserver {TUNNEL_DNS}"))
+    };
+    assert!(ours(&lab));
+
+    // A DHCP renewal replaces resolv.conf: put back, and the new file is
+    // the network's now (the rules see its server).
+    let t = std::time::Instant::now();
+    rewrite_resolv_conf(&lab, "nameserver 192.0.2.99\n");
+    wait_until(UP, "the tunnel's DNS put back", || ours(&lab)).unwrap();
+    let put_back = t.elapsed();
+    wait_until(UP, "the network's new DNS server in the status", || {
+        vaned.status().is_ok_and(|s| {
+            s["network"]["dns_servers"][0] == "192.0.2.99" && s["tunnel"]["dns_reasserted"] == 1
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:#}", vaned.status().unwrap_or_default()));
+    // Written in place this time.
+    std::fs::write(&lab.resolv_conf, "nameserver 192.0.2.98\n").unwrap();
+    wait_until(UP, "the tunnel's DNS put back again", || ours(&lab)).unwrap();
+
+    // Disconnected: the network's latest resolv.conf, byte for byte.
+    let o = vaned.ctl(&["down"]);
+    assert!(o.status.success(), "{}", text(&o));
+    vaned.wait_state("down", UP).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&lab.resolv_conf).unwrap(),
+        "nameserver 192.0.2.98\n"
+    );
+
+    // A program that keeps rewriting it is reported, not raced forever.
+    let o = vaned.ctl(&["up"]);
+    assert!(o.status.success(), "{}", text(&o));
+    vaned.wait_state("up", UP).unwrap();
+    wait_until(UP, "ours in place", || ours(&lab)).unwrap();
+    let mut status = serde_json::Value::Null;
+    for i in 0..200 {
+        rewrite_resolv_conf(&lab, &format!("nameserver 192.0.2.{}\n", 100 + i % 50));
+        std::thread::sleep(Duration::from_millis(20));
+        status = vaned.status().unwrap_or_default();
+        if !status["tunnel"]["dns_error"].is_null() {
+            break;
+        }
+    }
+    let error = status["tunnel"]["dns_error"].as_str().unwrap_or_default();
+    assert!(error.contains("keeps being replaced"), "{status:#}");
+    assert_eq!(status["tunnel"]["dns_reasserted"], 3, "{status:#}");
+    // Given up: the other program's file stays.
+    rewrite_resolv_conf(&lab, "nameserver 192.0.2.97\n");
+    let settled = std::time::Instant::now();
+    wait_until(UP, "a moment for vaned to react", || {
+        settled.elapsed() > Duration::from_millis(500)
+    })
+    .unwrap();
+    assert!(!ours(&lab), "vaned kept fighting");
+    let o = vaned.ctl(&["status"]);
+    assert!(text(&o).contains("tunnel DNS not in force"), "{}", text(&o));
+    eprintln!("the tunnel's DNS put back {put_back:?} after resolv.conf was replaced");
+}

@@ -352,6 +352,12 @@ impl FilePaths {
     }
 }
 
+/// Whether the file at `resolv` is the resolv.conf vaned wrote (someone
+/// else may have replaced it since).
+pub fn resolv_conf_is_ours(resolv: &Path) -> Result<bool, DnsError> {
+    Ok(is_ours(&read_saved(resolv)?))
+}
+
 /// The underlying network's resolv.conf while the file backend has put ours
 /// in its place: the original's content from the backup (a symlink's
 /// target read, relative to the link's directory; no file: empty). `None`

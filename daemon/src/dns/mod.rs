@@ -14,7 +14,7 @@
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
@@ -22,9 +22,9 @@ mod file;
 mod resolvconf;
 mod resolved;
 
-pub use file::underlying_resolv_conf;
 #[cfg(test)]
 pub use file::BACKUP_NAME;
+pub use file::{resolv_conf_is_ours, underlying_resolv_conf};
 
 /// The tunnel's DNS settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +153,42 @@ pub async fn detect() -> Backend {
         Backend::Resolvconf
     } else {
         Backend::File
+    }
+}
+
+/// Putting the tunnel's DNS back after another program replaced it (a
+/// DHCP client rewriting resolv.conf): at most [`REASSERT_MAX`] times in
+/// [`REASSERT_WINDOW`]; a program that keeps rewriting it is reported, not
+/// raced forever. Plain bookkeeping, time passed in.
+#[derive(Debug, Default)]
+pub struct Reasserts {
+    times: Vec<Instant>,
+    /// Put back so far.
+    pub total: u32,
+    /// Given up: someone keeps replacing it.
+    pub gave_up: bool,
+}
+
+/// Put back at most this many times ...
+pub const REASSERT_MAX: usize = 3;
+/// ... within this long.
+pub const REASSERT_WINDOW: Duration = Duration::from_secs(60);
+
+impl Reasserts {
+    /// Whether to put the DNS back now (counted when so).
+    pub fn allow(&mut self, now: Instant) -> bool {
+        if self.gave_up {
+            return false;
+        }
+        self.times
+            .retain(|t| now.saturating_duration_since(*t) < REASSERT_WINDOW);
+        if self.times.len() >= REASSERT_MAX {
+            self.gave_up = true;
+            return false;
+        }
+        self.times.push(now);
+        self.total += 1;
+        true
     }
 }
 
@@ -349,6 +385,27 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::dns;
     use super::*;
+
+    #[test]
+    fn a_program_that_keeps_rewriting_is_not_raced_forever() {
+        let t0 = Instant::now();
+        let mut r = Reasserts::default();
+        // Now and then (a DHCP renewal): always put back.
+        for i in 0..10 {
+            assert!(r.allow(t0 + REASSERT_WINDOW * i));
+        }
+        assert_eq!(r.total, 10);
+        // Three times within the window, then a fourth: given up, for good.
+        let t1 = t0 + REASSERT_WINDOW * 20;
+        let mut r = Reasserts::default();
+        for i in 0..REASSERT_MAX as u32 {
+            assert!(r.allow(t1 + Duration::from_secs(i.into())));
+        }
+        assert!(!r.allow(t1 + Duration::from_secs(5)));
+        assert!(r.gave_up);
+        assert!(!r.allow(t1 + REASSERT_WINDOW * 10));
+        assert_eq!(r.total, REASSERT_MAX as u32);
+    }
 
     #[test]
     fn search_domains_are_checked() {

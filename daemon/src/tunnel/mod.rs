@@ -97,6 +97,12 @@ pub enum Report {
         active: bool,
         error: Option<String>,
     },
+    /// The tunnel's DNS was put back `reasserted` times since the tunnel
+    /// started; `error`: why it is not in force although it should be.
+    Dns {
+        reasserted: u32,
+        error: Option<String>,
+    },
 }
 
 /// A running tunnel process, watched by a task that reports its exit.
@@ -138,6 +144,9 @@ pub struct Worker {
     stale_shield: bool,
     /// The tunnel's DNS, and the observer's view of the network's DNS.
     dns: Option<TunnelDnsShell>,
+    /// The tunnel's DNS put back after someone replaced it, since the
+    /// tunnel started.
+    reasserts: dns::Reasserts,
     /// The binary on disk (device, inode) that failed to start when the
     /// previous one could, and why: later starts go to the previous one
     /// while it is still the file there.
@@ -170,6 +179,7 @@ impl Worker {
             shield: None,
             stale_shield: false,
             dns: None,
+            reasserts: dns::Reasserts::default(),
             bad_binary: None,
         }
     }
@@ -219,10 +229,72 @@ impl Worker {
             .apply(&plan.ifname, ifindex, &tunnel_dns)
             .await?;
         shell.applied = !plan.dns_servers.is_empty();
+        if shell.applied {
+            // A resolv.conf someone wrote over ours has just become the
+            // network's (in the backup): the observer reads it from there.
+            if let Ok(Some(bytes)) =
+                dns::underlying_resolv_conf(&shell.resolv_conf, &shell.state_dir)
+            {
+                let text = String::from_utf8_lossy(&bytes);
+                shell
+                    .observer
+                    .set(Some(vane_observer::dns::parse_resolv_conf(&text)));
+            }
+        }
         if !shell.applied {
             shell.observer.set(None);
         }
         Ok(())
+    }
+
+    /// resolv.conf may have changed: when the file backend's is no longer
+    /// ours (a DHCP client, a network manager wrote over it), the
+    /// tunnel's DNS is put back and the other file kept as the network's
+    /// (restored when the tunnel goes down). A program that keeps
+    /// rewriting it is reported, not raced forever ([`dns::Reasserts`]).
+    pub async fn check_dns(&mut self) {
+        let Some(shell) = &self.dns else { return };
+        if !self.up || !shell.applied || shell.manager.backend() != dns::Backend::File {
+            return;
+        }
+        match dns::resolv_conf_is_ours(&shell.resolv_conf) {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => {
+                warn!(interface = %self.plan.ifname, "cannot read resolv.conf: {e}");
+                return;
+            }
+        }
+        let had_given_up = self.reasserts.gave_up;
+        if !self.reasserts.allow(std::time::Instant::now()) {
+            if !had_given_up {
+                let why = format!(
+                    "{} keeps being replaced by another program ({} times within {} s); vaned stopped putting the tunnel's DNS back",
+                    shell.resolv_conf.display(),
+                    dns::REASSERT_MAX + 1,
+                    dns::REASSERT_WINDOW.as_secs()
+                );
+                error!(interface = %self.plan.ifname, "{why}");
+                let _ = self.reports.send(Report::Dns {
+                    reasserted: self.reasserts.total,
+                    error: Some(why),
+                });
+            }
+            return;
+        }
+        warn!(interface = %self.plan.ifname, path = %shell.resolv_conf.display(), "resolv.conf was replaced while the tunnel's DNS is on: put back (the other file is kept as the network's)");
+        let index = rtnl::link_index(&self.plan.ifname).unwrap_or(0);
+        let error = match self.apply_dns(index).await {
+            Ok(()) => None,
+            Err(e) => {
+                error!(interface = %self.plan.ifname, "cannot put the tunnel's DNS back: {e}");
+                Some(format!("cannot put the tunnel's DNS back: {e}"))
+            }
+        };
+        let _ = self.reports.send(Report::Dns {
+            reasserted: self.reasserts.total,
+            error,
+        });
     }
 
     /// Takes the tunnel's DNS away, restoring what was there exactly.
@@ -507,6 +579,13 @@ impl Worker {
             .context("routing into the interface")?;
         self.up = true;
         self.sync_rules().context("policy routing")?;
+        if self.reasserts.total > 0 || self.reasserts.gave_up {
+            self.reasserts = dns::Reasserts::default();
+            let _ = self.reports.send(Report::Dns {
+                reasserted: 0,
+                error: None,
+            });
+        }
         if let Err(e) = self.apply_dns(index).await {
             // A full tunnel without its DNS would send every name to the
             // network's resolver: fail (the kill switch holds, the
