@@ -582,9 +582,13 @@ pub fn parse(text: &str, file: &Path) -> Result<RuleSet, RulesError> {
         if let Some(u) = r.probe_url {
             let url = u.get_ref();
             let ok = ["http://", "https://"].iter().any(|scheme| {
-                url.len() > scheme.len()
-                    && url[..scheme.len()].eq_ignore_ascii_case(scheme)
-                    && !url[scheme.len()..].starts_with('/')
+                // `get`, not indexing: the URL may have a multi-byte
+                // character where the scheme would end.
+                url.get(..scheme.len())
+                    .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+                    && url
+                        .get(scheme.len()..)
+                        .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
                     && !url.chars().any(char::is_whitespace)
             });
             if !ok {

@@ -120,6 +120,16 @@ fn golden_errors() {
             format!("{HEAD}{od}[[on_demand.rule]]\naction = \"connect\"\nprobe_url = \"ftp://x/\"\n"),
             vec!["/etc/vane/vane.toml:8:13: probe_url \"ftp://x/\" is not an http:// or https:// URL with a host"],
         ),
+        // Found by the rules fuzz target: a multi-byte character where the
+        // scheme would end made the check slice inside it (a panic).
+        (
+            format!("{HEAD}{od}[[on_demand.rule]]\naction = \"connect\"\nprobe_url = \"http:/\u{496}ntranet/\"\n"),
+            vec!["/etc/vane/vane.toml:8:13: probe_url \"http:/\u{496}ntranet/\" is not an http:// or https:// URL with a host"],
+        ),
+        (
+            format!("{HEAD}{od}[[on_demand.rule]]\naction = \"connect\"\nprobe_url = \"http://\"\n"),
+            vec!["/etc/vane/vane.toml:8:13: probe_url \"http://\" is not an http:// or https:// URL with a host"],
+        ),
         (
             format!("{HEAD}{od}[[on_demand.rule]]\naction = \"connect\"\nssid = []\n"),
             vec!["/etc/vane/vane.toml:8:8: ssid is an empty list: it could never match"],
