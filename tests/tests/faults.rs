@@ -90,8 +90,13 @@ fn kill_both(vaned: &mut vane_e2e::vaned::Vaned) {
     vaned.proc_.owned.clear();
     kill(Pid::from_raw(tunnel as i32), Signal::SIGKILL).unwrap();
     vaned.proc_.stop(Signal::SIGKILL).unwrap();
-    wait_until(Duration::from_secs(5), "the tunnel process gone", || {
-        vane_e2e::process_gone(tunnel)
+    wait_gone(tunnel);
+}
+
+/// Waits (5 s at most) until `pid` is gone.
+fn wait_gone(pid: u32) {
+    wait_until(Duration::from_secs(5), "the process gone", || {
+        vane_e2e::process_gone(pid)
     })
     .unwrap();
 }
@@ -459,10 +464,7 @@ fn replacing_vaned_in_lockdown_on_wifi_loses_and_leaks_nothing() {
 /// Kills `pid` and waits until it is gone.
 fn kill_and_wait(pid: u32) {
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
-    wait_until(Duration::from_secs(5), "the process gone", || {
-        vane_e2e::process_gone(pid)
-    })
-    .unwrap();
+    wait_gone(pid);
 }
 
 #[test]

@@ -165,6 +165,23 @@ pub struct TunnelDnsShell {
     pub applied: bool,
 }
 
+impl TunnelDnsShell {
+    /// Tells the observer that `resolv_conf` (bytes) is the network's DNS.
+    fn observe(&self, resolv_conf: &[u8]) {
+        let text = String::from_utf8_lossy(resolv_conf);
+        self.observer
+            .set(Some(vane_observer::dns::parse_resolv_conf(&text)));
+    }
+
+    /// While ours stands in place: the network's resolv.conf is the one in
+    /// the backup; the observer is told it.
+    fn observe_backup(&self) {
+        if let Ok(Some(bytes)) = dns::underlying_resolv_conf(&self.resolv_conf, &self.state_dir) {
+            self.observe(&bytes);
+        }
+    }
+}
+
 impl Worker {
     pub fn new(plan: Plan, reports: mpsc::UnboundedSender<Report>) -> Worker {
         Worker {
@@ -213,10 +230,7 @@ impl Worker {
                     other => other,
                 };
             if let Some(bytes) = underlying {
-                let text = String::from_utf8_lossy(&bytes);
-                shell
-                    .observer
-                    .set(Some(vane_observer::dns::parse_resolv_conf(&text)));
+                shell.observe(&bytes);
             }
         }
         let tunnel_dns = dns::TunnelDns {
@@ -232,16 +246,8 @@ impl Worker {
         if shell.applied {
             // A resolv.conf someone wrote over ours has just become the
             // network's (in the backup): the observer reads it from there.
-            if let Ok(Some(bytes)) =
-                dns::underlying_resolv_conf(&shell.resolv_conf, &shell.state_dir)
-            {
-                let text = String::from_utf8_lossy(&bytes);
-                shell
-                    .observer
-                    .set(Some(vane_observer::dns::parse_resolv_conf(&text)));
-            }
-        }
-        if !shell.applied {
+            shell.observe_backup();
+        } else {
             shell.observer.set(None);
         }
         Ok(())
@@ -766,14 +772,7 @@ impl Worker {
         }
         shell.applied = true;
         if shell.manager.backend() != dns::Backend::Resolved {
-            if let Ok(Some(bytes)) =
-                dns::underlying_resolv_conf(&shell.resolv_conf, &shell.state_dir)
-            {
-                let text = String::from_utf8_lossy(&bytes);
-                shell
-                    .observer
-                    .set(Some(vane_observer::dns::parse_resolv_conf(&text)));
-            }
+            shell.observe_backup();
         }
     }
 
