@@ -6,6 +6,11 @@
 //! counted packet is also logged with the prefix `vane-leak ` (the
 //! kernel log), to find out what it was.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::vaned::Lab;
 use crate::{Netns, TempDir};
 
 pub struct Leaks<'a> {
@@ -80,4 +85,60 @@ pub fn nft_counter(ns: &Netns, table: &str, name: &str) -> u64 {
         .find(|w| w[0] == "packets")
         .and_then(|w| w[1].parse().ok())
         .unwrap_or_else(|| panic!("no packet count in {out}"))
+}
+
+/// Beyond the gateway: on the server's loopback, reachable through the
+/// tunnel or, without it, over the underlay.
+pub const NET4: &str = "203.0.113.1";
+pub const NET6: &str = "fd00:203::1";
+
+pub fn lockdown_lab() -> Lab {
+    let rules = "include_all_networks = true\nexclude_local_networks = false\nlockdown = true\n\n\
+                 [on_demand]\nenabled = true\n\n[[on_demand.rule]]\naction = \"connect\"\n";
+    let lab = Lab::new_with(rules, "0.0.0.0/0, ::/0", "").unwrap();
+    let (a, b) = (&lab.pair.a, &lab.pair.b);
+    b.ip(&["addr", "add", &format!("{NET4}/32"), "dev", "lo"])
+        .unwrap();
+    b.ip(&["addr", "add", &format!("{NET6}/128"), "dev", "lo"])
+        .unwrap();
+    b.exec("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])
+        .unwrap();
+    // An IPv6 default route on the client's underlay: without it an IPv6
+    // packet outside the tunnel has no way out, and a check that none
+    // leaked could not fail.
+    a.ip(&["-6", "route", "add", "default", "via", "fd00:77::2"])
+        .unwrap();
+    lab
+}
+
+/// UDP every millisecond until `stop`: to NET4 and NET6 beyond the
+/// gateway, to the local subnet, and from a socket bound to the uplink.
+/// Counts the rounds of sends in `rounds` (EPERM from the kill switch is
+/// expected and ignored).
+pub fn senders(
+    ns: &Netns,
+    uplink: &str,
+    stop: Arc<AtomicBool>,
+    rounds: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<anyhow::Result<()>> {
+    let uplink = uplink.to_owned();
+    ns.run_in(move || {
+        let v4 = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        let v6 = std::net::UdpSocket::bind("[::]:0")?;
+        let bound = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        nix::sys::socket::setsockopt(
+            &bound,
+            nix::sys::socket::sockopt::BindToDevice,
+            &std::ffi::OsString::from(uplink),
+        )?;
+        while !stop.load(Ordering::Relaxed) {
+            let _ = v4.send_to(b"beyond", (NET4, 9));
+            let _ = v6.send_to(b"beyond6", (NET6, 9));
+            let _ = v4.send_to(b"local", ("192.0.2.2", 9));
+            let _ = bound.send_to(b"bound", (NET4, 9));
+            rounds.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    })
 }

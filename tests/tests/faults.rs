@@ -21,67 +21,12 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use vane_e2e::leaks::Leaks;
+use vane_e2e::leaks::{lockdown_lab, senders, Leaks, NET4, NET6};
+use vane_e2e::numbered::{settle, Numbered};
 use vane_e2e::vaned::{text, Lab};
-use vane_e2e::{wait_until, Netns};
+use vane_e2e::wait_until;
 
 const UP: Duration = Duration::from_secs(20);
-/// Beyond the gateway: on the server's loopback, reachable through the
-/// tunnel or, without it, over the underlay.
-const NET4: &str = "203.0.113.1";
-const NET6: &str = "fd00:203::1";
-
-fn lockdown_lab() -> Lab {
-    let rules = "include_all_networks = true\nexclude_local_networks = false\nlockdown = true\n\n\
-                 [on_demand]\nenabled = true\n\n[[on_demand.rule]]\naction = \"connect\"\n";
-    let lab = Lab::new_with(rules, "0.0.0.0/0, ::/0", "").unwrap();
-    let (a, b) = (&lab.pair.a, &lab.pair.b);
-    b.ip(&["addr", "add", &format!("{NET4}/32"), "dev", "lo"])
-        .unwrap();
-    b.ip(&["addr", "add", &format!("{NET6}/128"), "dev", "lo"])
-        .unwrap();
-    b.exec("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])
-        .unwrap();
-    // An IPv6 default route on the client's underlay: without it an IPv6
-    // packet outside the tunnel has no way out, and a check that none
-    // leaked could not fail.
-    a.ip(&["-6", "route", "add", "default", "via", "fd00:77::2"])
-        .unwrap();
-    lab
-}
-
-/// UDP every millisecond until `stop`: to NET4 and NET6 beyond the
-/// gateway, to the local subnet, and from a socket bound to the uplink.
-/// Counts the rounds of sends in `rounds` (EPERM from the kill switch is
-/// expected and ignored).
-fn senders(
-    ns: &Netns,
-    uplink: &str,
-    stop: Arc<AtomicBool>,
-    rounds: Arc<AtomicU64>,
-) -> std::thread::JoinHandle<anyhow::Result<()>> {
-    let uplink = uplink.to_owned();
-    ns.run_in(move || {
-        let v4 = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        let v6 = std::net::UdpSocket::bind("[::]:0")?;
-        let bound = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        nix::sys::socket::setsockopt(
-            &bound,
-            nix::sys::socket::sockopt::BindToDevice,
-            &std::ffi::OsString::from(uplink),
-        )?;
-        while !stop.load(Ordering::Relaxed) {
-            let _ = v4.send_to(b"beyond", (NET4, 9));
-            let _ = v6.send_to(b"beyond6", (NET6, 9));
-            let _ = v4.send_to(b"local", ("192.0.2.2", 9));
-            let _ = bound.send_to(b"bound", (NET4, 9));
-            rounds.fetch_add(1, Ordering::Relaxed);
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(())
-    })
-}
-
 /// SIGKILLs the tunnel and vaned together, as on a host where both crash:
 /// nothing removes the dead tunnel's userspace API socket for the next
 /// vaned. Returns once both are gone.
@@ -261,86 +206,6 @@ fn a_flood_of_idle_clients_locks_nobody_out_of_the_control_socket() {
     );
 }
 
-/// Numbered UDP datagrams every millisecond from the client to the
-/// server's inner address: which ones the client's kernel accepted
-/// (`sendto` succeeded) and which arrived, to count what a user loses.
-struct Numbered {
-    accepted: Arc<std::sync::Mutex<Vec<(u64, Instant)>>>,
-    delivered: Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Numbered {
-    fn start(client: &Netns, server: &Netns, to: &str, port: u16) -> Numbered {
-        let accepted: Arc<std::sync::Mutex<Vec<(u64, Instant)>>> = Arc::default();
-        let delivered: Arc<std::sync::Mutex<std::collections::HashSet<u64>>> = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (got, halt, addr) = (delivered.clone(), stop.clone(), format!("{to}:{port}"));
-        let receiver = server.run_in(move || {
-            let s = std::net::UdpSocket::bind(&addr)?;
-            s.set_read_timeout(Some(Duration::from_millis(20)))?;
-            let _ = ready_tx.send(());
-            let mut buf = [0u8; 64];
-            while !halt.load(Ordering::Relaxed) {
-                if let Ok(8..) = s.recv(&mut buf) {
-                    let seq = u64::from_be_bytes(buf[..8].try_into()?);
-                    got.lock().unwrap().insert(seq);
-                }
-            }
-            Ok(())
-        });
-        ready_rx.recv_timeout(UP).unwrap();
-        let (sent, halt, to) = (accepted.clone(), stop.clone(), to.to_owned());
-        let sender = client.run_in(move || {
-            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
-            let mut seq = 0u64;
-            while !halt.load(Ordering::Relaxed) {
-                seq += 1;
-                if s.send_to(&seq.to_be_bytes(), (to.as_str(), port)).is_ok() {
-                    sent.lock().unwrap().push((seq, Instant::now()));
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Ok(())
-        });
-        Numbered {
-            accepted,
-            delivered,
-            stop,
-            threads: vec![receiver, sender],
-        }
-    }
-
-    /// The datagrams accepted since `since` (up to 100 ms ago: later ones
-    /// may still be on their way) that never arrived, and how many were
-    /// accepted in that time.
-    fn lost_since(&self, since: Instant) -> (Vec<u64>, usize) {
-        let until = Instant::now() - Duration::from_millis(100);
-        let delivered = self.delivered.lock().unwrap();
-        let accepted = self.accepted.lock().unwrap();
-        let window: Vec<u64> = accepted
-            .iter()
-            .filter(|(_, at)| *at >= since && *at <= until)
-            .map(|(seq, _)| *seq)
-            .collect();
-        let lost = window
-            .iter()
-            .copied()
-            .filter(|seq| !delivered.contains(seq))
-            .collect();
-        (lost, window.len())
-    }
-
-    fn finish(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap().unwrap();
-        }
-    }
-}
-
 #[test]
 fn a_connect_loses_no_datagram_the_kernel_accepted() {
     let lab = Lab::new(
@@ -378,25 +243,6 @@ fn a_connect_loses_no_datagram_the_kernel_accepted() {
     }
     numbered.finish();
     eprintln!("connect rounds (accepted, lost): {report:?}");
-}
-
-/// Waits until datagrams sent after now have arrived and 150 ms more have
-/// passed: the end of a transition's window.
-fn settle(numbered: &Numbered) {
-    let after = Instant::now();
-    wait_until(UP, "datagrams through the tunnel again", || {
-        let accepted = numbered.accepted.lock().unwrap();
-        let delivered = numbered.delivered.lock().unwrap();
-        accepted
-            .iter()
-            .any(|(seq, at)| *at > after && delivered.contains(seq))
-    })
-    .unwrap();
-    let end = Instant::now();
-    wait_until(UP, "the window's end", || {
-        end.elapsed() > Duration::from_millis(150)
-    })
-    .unwrap();
 }
 
 #[test]
