@@ -36,6 +36,8 @@ const BINARY_SETTLE: std::time::Duration = std::time::Duration::from_millis(100)
 pub struct Options {
     pub rules: RuleSource,
     pub plan: Plan,
+    /// Why `plan` is only the unconfigured one (see `plan::unconfigured`).
+    pub plan_error: Option<String>,
     pub binary: PathBuf,
     pub store: StateStore,
     pub intent: UserIntent,
@@ -46,6 +48,8 @@ pub struct Options {
     pub dns_backend: Option<crate::dns::Backend>,
     pub resolv_conf: PathBuf,
     pub state_dir: PathBuf,
+    /// The tunnel's UDP socket as systemd kept it (descriptor store).
+    pub kept_socket: Option<std::net::UdpSocket>,
 }
 
 enum WorkerMsg {
@@ -65,6 +69,8 @@ enum WorkerMsg {
     CheckBinary,
     /// resolv.conf changed: the tunnel's DNS may need putting back.
     CheckDns,
+    /// Whether the kill switch stays when vaned stops (lockdown).
+    HoldOnExit(bool),
 }
 
 /// How the loop ended.
@@ -112,6 +118,15 @@ struct Daemon {
     /// The worker's last word on the tunnel's DNS (see `Report::Dns`).
     dns_reasserted: u32,
     dns_error: Option<String>,
+    /// vaned's state directory (state.json, lockdown.json).
+    state_dir: PathBuf,
+    /// The lockdown kill switch last written for the boot-time unit
+    /// (`None`: not yet; `Some(None)`: none, the file removed).
+    lockdown_saved: Option<Option<crate::net::killswitch::Spec>>,
+    /// The tunnel's configuration file, watched: writing it (a first
+    /// install) or changing it reloads.
+    config_watch: Option<(PathBuf, vane_policy::reload::FileWatch)>,
+    reload_tx: mpsc::UnboundedSender<()>,
 }
 
 /// Converts the observer's snapshot to what the rule engine reads.
@@ -131,6 +146,7 @@ pub async fn run(options: Options) -> Result<Exit> {
     let Options {
         rules,
         plan,
+        plan_error,
         binary,
         store,
         intent,
@@ -140,9 +156,11 @@ pub async fn run(options: Options) -> Result<Exit> {
         dns_backend,
         resolv_conf,
         state_dir,
+        mut kept_socket,
     } = options;
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
     let mut worker = Worker::new(plan.clone(), reports_tx);
+    let mut hold_on_exit = false;
     // Lockdown never opens: the kill switch is in place before anything an
     // earlier run left (a tunnel process, the device, policy routing rules,
     // DNS) is stopped, removed or repaired, and stays through all of it.
@@ -191,7 +209,7 @@ pub async fn run(options: Options) -> Result<Exit> {
     // A tunnel process left by an earlier vaned (killed, crashed, or
     // handed over) is adopted when it can be: then what that vaned set up
     // (device, routes, rules, kill switch, DNS) stays as it is.
-    let adoptable = match crate::tunnel::adopt::find(&plan.ifname).await {
+    let adoptable = match crate::tunnel::adopt::find(&plan.ifname, &mut kept_socket).await {
         Ok(found) => found,
         Err(e) => {
             warn!(interface = %plan.ifname, "cannot adopt the tunnel process left by an earlier vaned: {e:#}; it is stopped and the tunnel starts afresh");
@@ -224,6 +242,10 @@ pub async fn run(options: Options) -> Result<Exit> {
     // it: its addresses and routes stay, the next start attaches a new
     // tunnel to it by name. Otherwise it goes.
     let mut leftover_device = false;
+    if let Some(socket) = kept_socket.take() {
+        // No tunnel took it: the next start does (or it is closed).
+        worker.reuse_socket(socket);
+    }
     if adoptable.is_none() {
         crate::tunnel::recover::stop_orphan(&plan.ifname).await;
         if let Some(index) = crate::net::rtnl::link_index(&plan.ifname) {
@@ -249,7 +271,7 @@ pub async fn run(options: Options) -> Result<Exit> {
         manager: dns,
         observer: observer.resolv_conf_override(),
         resolv_conf: resolv_conf.clone(),
-        state_dir,
+        state_dir: state_dir.clone(),
         applied: false,
     });
     let worker_task = tokio::spawn(async move {
@@ -272,6 +294,7 @@ pub async fn run(options: Options) -> Result<Exit> {
                 }
                 WorkerMsg::CheckBinary => worker.check_binary().await,
                 WorkerMsg::CheckDns => worker.check_dns().await,
+                WorkerMsg::HoldOnExit(hold) => hold_on_exit = hold,
                 WorkerMsg::HandOver => {
                     worker.hand_over();
                     return;
@@ -279,10 +302,13 @@ pub async fn run(options: Options) -> Result<Exit> {
             }
         }
         // The loop is gone: take the tunnel down with it, and the kill
-        // switch (even in lockdown: a stopped vaned leaves the host as it
-        // found it).
+        // switch unless in lockdown (which holds while vaned does not run,
+        // until released: `vanectl lockdown off`, `lockdown = false`, or
+        // the package removed).
         worker.stop().await;
-        worker.set_protect(false);
+        if !hold_on_exit {
+            worker.set_protect(false);
+        }
     });
 
     let (events, _) = broadcast::channel(64);
@@ -295,8 +321,9 @@ pub async fn run(options: Options) -> Result<Exit> {
     let server = tokio::spawn(control::serve(listener, shared));
 
     let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<()>();
+    let rules_tx = reload_tx.clone();
     let _watch = match vane_policy::reload::watch(rules.path(), move || {
-        let _ = reload_tx.send(());
+        let _ = rules_tx.send(());
     }) {
         Ok(w) => Some(w),
         Err(e) => {
@@ -354,7 +381,7 @@ pub async fn run(options: Options) -> Result<Exit> {
         rules,
         plan,
         binary,
-        plan_error: None,
+        plan_error,
         store,
         intent,
         observer,
@@ -375,7 +402,12 @@ pub async fn run(options: Options) -> Result<Exit> {
         binary_error: None,
         dns_reasserted: 0,
         dns_error: None,
+        state_dir,
+        lockdown_saved: None,
+        config_watch: None,
+        reload_tx,
     };
+    d.watch_config();
     if let Some(found) = adoptable {
         // Up as the earlier vaned left it; the first evaluation below
         // stops it if the rules now say down.
@@ -590,10 +622,76 @@ impl Daemon {
 
     /// Whether the kill switch should be on: a full tunnel that the
     /// supervisor is keeping up (also while it restarts the tunnel), or in
-    /// lockdown that the user has not released. Never once vaned stops.
+    /// lockdown that the user has not released (also while vaned stops,
+    /// and after: lockdown holds while vaned does not run).
     fn protect_wanted(&self) -> bool {
-        let lockdown = self.rules.rules().tunnel.lockdown && !self.intent.lockdown_released;
-        self.plan.full.is_some() && !self.shutting_down && (self.supervisor.wants_up() || lockdown)
+        self.plan.full.is_some()
+            && ((!self.shutting_down && self.supervisor.wants_up()) || self.lockdown())
+    }
+
+    /// Lockdown in force: the rule file's `lockdown = true` for a full
+    /// tunnel, not released by the user.
+    fn lockdown(&self) -> bool {
+        self.plan.full.is_some()
+            && self.rules.rules().tunnel.lockdown
+            && !self.intent.lockdown_released
+    }
+
+    /// The kill switch that holds while vaned does not run: the plan's,
+    /// with no local subnet allowed (the network at the next boot is not
+    /// known), only link-local when `exclude_local_networks`.
+    fn lockdown_spec(&self) -> Option<crate::net::killswitch::Spec> {
+        let ft = self.plan.full.filter(|_| self.lockdown())?;
+        Some(crate::net::killswitch::Spec {
+            tunnel_if: self.plan.ifname.clone(),
+            fwmark: ft.fwmark,
+            allow_nets: crate::net::routing::kill_switch_allowed(&ft, &[]),
+            block_dns: !self.plan.dns_servers.is_empty(),
+        })
+    }
+
+    /// Keeps `lockdown.json` (loaded at boot by vane-lockdown.service) and
+    /// the worker's exit behaviour in step with lockdown.
+    fn sync_lockdown(&mut self) {
+        let spec = self.lockdown_spec();
+        if self.lockdown_saved.as_ref() == Some(&spec) {
+            return;
+        }
+        let _ = self.worker.send(WorkerMsg::HoldOnExit(spec.is_some()));
+        match crate::net::killswitch::persist(&self.state_dir, spec.as_ref()) {
+            Ok(()) => {
+                if spec.is_some() {
+                    info!("lockdown: the kill switch is kept for the next boot and while vaned does not run");
+                } else if self.lockdown_saved.is_some() {
+                    info!("lockdown released: no kill switch is kept for the next boot");
+                }
+                self.lockdown_saved = Some(spec);
+            }
+            // Tried again at the next change.
+            Err(e) => error!("lockdown: {e}"),
+        }
+    }
+
+    /// Watches the tunnel's configuration file the rules name (again when
+    /// a reload names another).
+    fn watch_config(&mut self) {
+        let path = self.rules.rules().tunnel.config.clone();
+        if self.config_watch.as_ref().is_some_and(|(p, _)| *p == path) {
+            return;
+        }
+        let tx = self.reload_tx.clone();
+        self.config_watch = match vane_policy::reload::watch(&path, move || {
+            let _ = tx.send(());
+        }) {
+            Ok(w) => Some((path, w)),
+            Err(e) => {
+                warn!(
+                    "cannot watch {}: {e}; after writing it, reload with `vanectl reload`",
+                    path.display()
+                );
+                None
+            }
+        };
     }
 
     fn dispatch(&mut self, actions: Vec<Action>) {
@@ -693,6 +791,7 @@ impl Daemon {
             .unwrap_or_else(|e| {
                 error!("interface overrides: {e}");
             });
+        self.watch_config();
         self.replan();
         self.evaluate();
         if self.plan_error.is_some() {
@@ -731,7 +830,12 @@ impl Daemon {
                 }
             }
             Err(e) => {
-                error!("the tunnel's configuration was refused; the one in force stays: {e}");
+                if self.plan.device.private_key.is_none() {
+                    // Only the unconfigured plan is in force.
+                    warn!("the tunnel's configuration cannot be used yet: {e}");
+                } else {
+                    error!("the tunnel's configuration was refused; the one in force stays: {e}");
+                }
                 self.plan_error = Some(e.to_string());
             }
         }
@@ -877,6 +981,7 @@ impl Daemon {
     }
 
     fn publish(&mut self) {
+        self.sync_lockdown();
         let status = self.status();
         if !self.settling() {
             for reply in self.parked.drain(..) {
@@ -890,10 +995,11 @@ impl Daemon {
                 || last.rules != status.rules
         });
         if changed {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&format!(
-                "tunnel {}; {}",
-                status.tunnel.state, status.decision.reason
-            ))]);
+            let line = match &self.plan_error {
+                Some(e) => format!("no tunnel: its configuration cannot be used: {e}"),
+                None => format!("tunnel {}; {}", status.tunnel.state, status.decision.reason),
+            };
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
             let _ = self.events.send(Event::Status {
                 status: Box::new(status.clone()),
             });

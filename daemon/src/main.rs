@@ -8,8 +8,10 @@
 //! Exit status: 0 after a clean stop (SIGTERM, SIGINT: everything vaned
 //! set up is taken down); 75 after a handover (SIGUSR2: the tunnel
 //! process, its device, rules, kill switch and DNS are left running for
-//! the next vaned, which adopts them); 2 when the rule file or the
-//! tunnel's configuration is refused at start; 1 for a runtime failure.
+//! the next vaned, which adopts them); 2 when the rule file is refused at
+//! start; 1 for a runtime failure. A missing or refused tunnel
+//! configuration is not fatal: vaned runs without a tunnel until it is
+//! written.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -100,6 +102,8 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Before any thread: systemd's LISTEN_* variables are cleared here.
+    let mut passed = tunnel::fdstore::take_passed();
     init_logging();
     let rules = match RuleSource::load(&args.config) {
         Ok(r) => r,
@@ -110,17 +114,27 @@ fn main() -> ExitCode {
         }
     };
     let binary = args.tunnel_binary.clone().unwrap_or_else(default_binary);
-    let plan = match tunnel::plan::build(&rules.rules().tunnel, binary.clone()) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("vaned: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    if let Err(e) = vane_tunnel::uapi_server::validate_ifname(&plan.ifname) {
+    if let Err(e) = vane_tunnel::uapi_server::validate_ifname(&rules.rules().tunnel.interface) {
         eprintln!("vaned: {}: [tunnel] interface: {e}", args.config.display());
         return ExitCode::from(EXIT_CONFIG);
     }
+    // A tunnel configuration that is missing (a first install: the package
+    // cannot ship the file that holds the private key) or refused does not
+    // stop vaned: it starts without a tunnel, says why (`vanectl status`,
+    // systemd's STATUS=), keeps the kill switch in lockdown, and starts the
+    // tunnel once the file is written (it is watched) or on reload.
+    let (plan, plan_error) = match tunnel::plan::build(&rules.rules().tunnel, binary.clone()) {
+        Ok(p) => (p, None),
+        Err(e) => {
+            warn!("the tunnel's configuration cannot be used yet: {e}; vaned starts without a tunnel and waits for it");
+            (
+                tunnel::plan::unconfigured(&rules.rules().tunnel, binary.clone()),
+                Some(e.to_string()),
+            )
+        }
+    };
+    let kept_socket = tunnel::fdstore::udp_for(&mut passed, &rules.rules().tunnel.interface);
+    drop(passed);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -132,7 +146,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(start(args, rules, plan, binary)) {
+    match runtime.block_on(start(args, rules, plan, plan_error, binary, kept_socket)) {
         Ok(daemon::Exit::Stopped) => ExitCode::SUCCESS,
         Ok(daemon::Exit::HandedOver) => ExitCode::from(EXIT_HANDOVER),
         Err(e) => {
@@ -194,7 +208,9 @@ async fn start(
     args: Args,
     rules: RuleSource,
     plan: tunnel::Plan,
+    plan_error: Option<String>,
     binary: PathBuf,
+    kept_socket: Option<std::net::UdpSocket>,
 ) -> Result<daemon::Exit> {
     make_dir(&args.runtime_dir, 0o755)?;
     make_dir(&args.state_dir, 0o755)?;
@@ -234,6 +250,7 @@ async fn start(
     let result = daemon::run(daemon::Options {
         rules,
         plan,
+        plan_error,
         binary,
         store,
         intent,
@@ -243,6 +260,7 @@ async fn start(
         dns_backend: args.dns_backend.backend(),
         resolv_conf: args.resolv_conf.clone(),
         state_dir: args.state_dir.clone(),
+        kept_socket,
     })
     .await;
     let _ = std::fs::remove_file(&socket);

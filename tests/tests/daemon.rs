@@ -246,6 +246,61 @@ fn a_bad_rule_file_is_refused_and_the_rules_in_force_stay() {
     assert_eq!(s["decision"]["action"], "disconnect");
 }
 
+#[test]
+fn without_its_tunnel_configuration_vaned_runs_and_starts_the_tunnel_once_written() {
+    // A first install: the package cannot ship the file with the private
+    // key. vaned starts all the same, says what is missing, and brings the
+    // tunnel up as soon as the file is written (watched), no restart.
+    let lab = Lab::new(CONNECT_ON_ETHERNET).unwrap();
+    let conf = lab.dir.path().join("vane0.conf");
+    let aside = lab.dir.path().join("vane0.conf.later");
+    std::fs::rename(&conf, &aside).unwrap();
+    let vaned = lab.start_vaned(&[]).unwrap();
+    let mut s = serde_json::Value::Null;
+    wait_until(UP, "vaned answers", || {
+        vaned.status().map(|v| s = v).is_ok()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", vaned.proc_.log()));
+    assert_eq!(s["tunnel"]["state"], "down", "{s:#}");
+    let why = s["tunnel"]["last_error"].as_str().unwrap_or_default();
+    assert!(why.contains("vane0.conf"), "{s:#}");
+    // The decision is up; only the missing file holds the tunnel back.
+    assert_eq!(s["decision"]["desired"], "up", "{s:#}");
+    let o = vaned.ctl(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("vane0.conf"),
+        "{}",
+        text(&o)
+    );
+    // A half-written file is refused, and so is the complete one while
+    // others may read its key; the chmod that follows is noticed too.
+    std::fs::write(&conf, "[Interface]\nPrivateKey = \n").unwrap();
+    let full = std::fs::read(&aside).unwrap();
+    std::fs::write(&conf, full).unwrap();
+    wait_until(UP, "the mode refused", || {
+        vaned.status().is_ok_and(|s| {
+            s["tunnel"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("chmod 600"))
+        })
+    })
+    .unwrap();
+    std::fs::set_permissions(&conf, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let s = vaned.wait_state("up", UP).unwrap();
+    assert!(s["tunnel"]["last_error"].is_null(), "{s:#}");
+    lab.pair.a.ping_until(SERVER_INNER, UP).unwrap();
+    // Broken later: the tunnel in force stays, the refusal is shown.
+    std::fs::write(&conf, "[Interface]\nPrivateKey = nonsense\n").unwrap();
+    wait_until(UP, "the refusal in the status", || {
+        vaned
+            .status()
+            .is_ok_and(|s| s["tunnel"]["last_error"].is_string())
+    })
+    .unwrap();
+    assert_eq!(vaned.status().unwrap()["tunnel"]["state"], "up");
+    assert!(lab.pair.a.ping_ok(SERVER_INNER));
+}
+
 /// `vanectl` as another user: uid nobody, with or without the group.
 fn as_user(gid: &str, groups: &str) -> Command {
     let mut c = Command::new("setpriv");

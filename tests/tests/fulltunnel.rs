@@ -357,7 +357,56 @@ fn lockdown_blocks_while_the_user_is_disconnected_until_released() {
     .unwrap();
     assert!(!a.ping_ok(NET4));
 
-    // vaned stops: the host is left as it was found, lockdown or not.
+    // vaned stops in lockdown: the kill switch stays (lockdown holds while
+    // vaned does not run), and the strict one is kept on disk for the
+    // boot-time unit (vane-lockdown.service). Counted on the wire with the
+    // traffic running: nothing leaves while no vaned runs.
+    let lockdown_file = vaned.state_file.with_file_name("lockdown.json");
+    wait_until(UP, "lockdown.json written", || lockdown_file.exists()).unwrap();
+    let baseline = leaks.beyond();
+    vaned.proc_.stop(nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(
+        nft_ruleset(a).contains("table inet vane"),
+        "the kill switch went with vaned in lockdown:\n{}",
+        vaned.proc_.log()
+    );
+    assert!(!a.ping_ok(NET4), "plain traffic left with vaned stopped");
+    // The file nft loads at boot: a host rebooted now is as locked down.
+    let kept = std::fs::read_to_string(&lockdown_file).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&kept).unwrap();
+    assert!(doc["nftables"].is_array(), "{kept}");
+    // Loaded over the table in place (the document replaces the table in
+    // one transaction, as at boot where there is none): it blocks by
+    // itself.
+    a.exec("nft", &["-j", "-f", lockdown_file.to_str().unwrap()])
+        .unwrap();
+    assert!(
+        !a.ping_ok(NET4),
+        "the kept kill switch lets plain traffic out"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        leaks.beyond(),
+        baseline,
+        "leaked while vaned was stopped in lockdown:\n{}",
+        leaks.log()
+    );
+
+    // The next vaned keeps it; released, it goes, with the file; stopped
+    // then, vaned leaves the host as it found it.
+    let mut vaned = lab.start_vaned(&[]).unwrap();
+    wait_until(UP, "vaned answers", || vaned.status().is_ok()).unwrap();
+    assert!(!a.ping_ok(NET4));
+    let o = vaned.ctl(&["lockdown", "off"]);
+    assert!(o.status.success(), "{}", text(&o));
+    wait_until(UP, "the kill switch off", || {
+        kill_switch(&vaned)["active"] == false
+    })
+    .unwrap();
+    assert!(
+        !lockdown_file.exists(),
+        "lockdown.json outlived the release"
+    );
     vaned.proc_.stop(nix::sys::signal::Signal::SIGTERM).unwrap();
     assert_eq!(nft_ruleset(a), before_nft);
     assert!(a.ping_ok(NET4));

@@ -181,7 +181,11 @@ pub fn socket_peer(ifname: &str) -> io::Result<Option<u32>> {
 /// Looks for a tunnel process for `ifname` left by an earlier vaned.
 /// `Ok(None)`: there is none. `Err`: there is a process, but it cannot be
 /// adopted (the error says why); the caller stops it as before.
-pub async fn find(ifname: &str) -> anyhow::Result<Option<Adoptable>> {
+///
+/// `kept`: the tunnel's UDP socket as systemd kept it (see
+/// [`super::fdstore`]); taken when it is the tunnel's (same port), so the
+/// socket need not be copied out of the process.
+pub async fn find(ifname: &str, kept: &mut Option<UdpSocket>) -> anyhow::Result<Option<Adoptable>> {
     use anyhow::{bail, Context as _};
     let Some(pid) = socket_peer(ifname).context("its userspace API socket")? else {
         return Ok(None);
@@ -203,14 +207,33 @@ pub async fn find(ifname: &str) -> anyhow::Result<Option<Adoptable>> {
     let config = uapi_client::get_config(&path, Duration::from_secs(2))
         .await
         .context("reading its configuration")?;
-    let socket = match pidfd_getfd(&pidfd, UDP_FD) {
+    let kept_port = kept
+        .as_ref()
+        .and_then(|s| s.local_addr().ok())
+        .map(|a| a.port());
+    let socket = if kept_port == Some(config.listen_port) {
+        kept.take()
+    } else {
+        copy_socket(&pidfd, pid, config.listen_port)?
+    };
+    Ok(Some(Adoptable {
+        pid,
+        pidfd,
+        socket,
+        config,
+    }))
+}
+
+/// Copies the tunnel's UDP socket out of it (`pidfd_getfd`, which needs
+/// ptrace access to it); `None` when refused.
+fn copy_socket(pidfd: &OwnedFd, pid: u32, listen_port: u16) -> anyhow::Result<Option<UdpSocket>> {
+    Ok(match pidfd_getfd(pidfd, UDP_FD) {
         Ok(fd) => {
             let s = UdpSocket::from(fd);
             let port = s.local_addr().map(|a| a.port()).unwrap_or(0);
-            if port != config.listen_port {
-                bail!(
-                    "its descriptor {UDP_FD} is not its UDP socket (port {port}, it listens on {})",
-                    config.listen_port
+            if port != listen_port {
+                anyhow::bail!(
+                    "its descriptor {UDP_FD} is not its UDP socket (port {port}, it listens on {listen_port})"
                 );
             }
             Some(s)
@@ -222,13 +245,7 @@ pub async fn find(ifname: &str) -> anyhow::Result<Option<Adoptable>> {
             );
             None
         }
-    };
-    Ok(Some(Adoptable {
-        pid,
-        pidfd,
-        socket,
-        config,
-    }))
+    })
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ use crate::net::routing::{self, FullTunnel, Rule};
 use crate::net::rtnl;
 
 pub mod adopt;
+pub mod fdstore;
 pub mod plan;
 mod process;
 pub mod recover;
@@ -325,6 +326,33 @@ impl Worker {
     }
 
     /// Whether the kill switch should block traffic outside the tunnel.
+    /// The UDP socket every tunnel process of this worker is given, kept
+    /// in systemd's descriptor store too (see [`fdstore`]).
+    fn set_socket(&mut self, socket: Option<UdpSocket>) {
+        match &socket {
+            Some(s) => fdstore::store(&self.plan.ifname, s),
+            None if self.socket.is_some() => fdstore::forget(&self.plan.ifname),
+            None => {}
+        }
+        self.socket = socket;
+    }
+
+    /// A UDP socket kept from an earlier run (systemd's descriptor store)
+    /// that no running tunnel uses: the next start takes it rather than
+    /// binding the port again (which the kept copy would refuse). Not of
+    /// this plan's port: closed.
+    pub fn reuse_socket(&mut self, socket: UdpSocket) {
+        let port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+        let wanted = self.plan.device.listen_port;
+        if self.socket.is_none() && (wanted == 0 || wanted == port) {
+            debug!(interface = %self.plan.ifname, port, "reusing the UDP socket kept by systemd");
+            self.set_socket(Some(socket));
+        } else {
+            drop(socket);
+            fdstore::forget(&self.plan.ifname);
+        }
+    }
+
     pub fn set_protect(&mut self, on: bool) {
         self.protect = Some(on);
         self.sync_kill_switch();
@@ -525,18 +553,16 @@ impl Worker {
         // A process of an older generation (it failed) must be gone first.
         self.kill().await;
         let index = self.ensure_device().context("setting up the interface")?;
-        let socket = match &self.socket {
-            Some(s) => s,
-            None => {
-                let s = vane_tunnel::device::bind_udp_std(
-                    self.plan.device.listen_port,
-                    self.plan.device.fwmark,
-                )
-                .with_context(|| {
-                    format!("cannot bind UDP port {}", self.plan.device.listen_port)
-                })?;
-                self.socket.insert(s)
-            }
+        if self.socket.is_none() {
+            let s = vane_tunnel::device::bind_udp_std(
+                self.plan.device.listen_port,
+                self.plan.device.fwmark,
+            )
+            .with_context(|| format!("cannot bind UDP port {}", self.plan.device.listen_port))?;
+            self.set_socket(Some(s));
+        }
+        let Some(socket) = self.socket.as_ref() else {
+            anyhow::bail!("no UDP socket");
         };
         let port = socket.local_addr()?.port();
         let (child, ready) = spawn(&self.plan, socket, exe).context("cannot start vane-tunnel")?;
@@ -718,7 +744,7 @@ impl Worker {
             exe: open_exe(pid),
         });
         if socket.is_some() {
-            self.socket = socket;
+            self.set_socket(socket);
         }
         self.up = true;
         self.locals = locals;
@@ -839,7 +865,7 @@ impl Worker {
                 warn!(interface = %self.plan.ifname, "cannot delete the interface: {e}");
             }
         }
-        self.socket = None;
+        self.set_socket(None);
         debug!(interface = %self.plan.ifname, "tunnel down");
     }
 }

@@ -26,6 +26,32 @@ pub enum PlanError {
     },
 }
 
+/// The plan while the tunnel's configuration cannot be used (not written
+/// yet, or refused): the interface and the full tunnel's routing and kill
+/// switch from the rule file, no key, no peer, no route, no DNS. Nothing
+/// starts a tunnel from it (the daemon holds the error); in lockdown the
+/// kill switch it describes still holds.
+pub fn unconfigured(tunnel: &TunnelSection, binary: PathBuf) -> Plan {
+    let full = tunnel.include_all_networks.then_some(FullTunnel {
+        fwmark: DEFAULT_FWMARK,
+        exclude_local_networks: tunnel.exclude_local_networks,
+    });
+    Plan {
+        ifname: tunnel.interface.clone(),
+        mtu: DEFAULT_MTU,
+        addresses: Vec::new(),
+        routes: Vec::new(),
+        device: vane_tunnel::model::DeviceConfig {
+            fwmark: full.map_or(0, |f| f.fwmark),
+            ..Default::default()
+        },
+        binary,
+        full,
+        dns_servers: Vec::new(),
+        dns_search: Vec::new(),
+    }
+}
+
 /// Builds the plan. Endpoints with host names are resolved here.
 pub fn build(tunnel: &TunnelSection, binary: PathBuf) -> Result<Plan, PlanError> {
     let parsed = config::load(&tunnel.config)?;

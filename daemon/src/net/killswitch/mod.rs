@@ -45,6 +45,12 @@ pub enum KillSwitchError {
         #[source]
         source: std::io::Error,
     },
+    #[error("kill switch: {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("kill switch: `nft {args}` failed ({status}): {stderr}")]
     Nft {
         args: String,
@@ -119,6 +125,33 @@ pub fn remove() -> Result<(), KillSwitchError> {
     nft(&["-j", "-f", "-"], Some(&remove_document().to_string()))?;
     tracing::debug!("kill switch off (table inet vane removed)");
     Ok(())
+}
+
+/// The lockdown kill switch kept on disk (in vaned's state directory) for
+/// the boot-time unit `vane-lockdown.service`, which loads it with
+/// `nft -j -f` before any network comes up: a host in lockdown sends
+/// nothing outside the tunnel between power-on and vaned's start.
+pub const LOCKDOWN_FILE: &str = "lockdown.json";
+
+/// Writes the lockdown kill switch for `spec` to `dir/lockdown.json`
+/// (atomically), or, with `None` (lockdown released or off), removes it.
+pub fn persist(dir: &Path, spec: Option<&Spec>) -> Result<(), KillSwitchError> {
+    let path = dir.join(LOCKDOWN_FILE);
+    let io = |source| KillSwitchError::Io {
+        path: path.clone(),
+        source,
+    };
+    match spec {
+        Some(spec) => {
+            let mut text = ruleset(spec)?.to_string();
+            text.push('\n');
+            crate::state::write_atomic(&path, text.as_bytes(), 0o644).map_err(io)
+        }
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(e)),
+            _ => Ok(()),
+        },
+    }
 }
 
 /// Whether `table inet vane` exists.
