@@ -37,3 +37,8 @@ fn vaned_service_is_valid() {
 fn vane_tunnel_template_is_valid() {
     verify("vane-tunnel@.service", "vane-tunnel@wg0.service");
 }
+
+#[test]
+fn vane_lockdown_service_is_valid() {
+    verify("vane-lockdown.service", "vane-lockdown.service");
+}
