@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod container;
 pub mod leaks;
+pub mod numbered;
 pub mod stream;
 pub mod vaned;
 
