@@ -115,17 +115,16 @@ impl Container {
             .context("systemd-nspawn (package systemd-container)")?;
         let nspawn = child.id();
         self.nspawn = Some(child);
-        wait_until(
-            Duration::from_secs(30),
-            "the container's PID 1",
-            || match children(nspawn).first() {
-                Some(&pid) => {
-                    self.pid1 = pid;
-                    true
-                }
-                None => false,
-            },
-        )
+        // PID 1 is the child of systemd-nspawn that runs systemd (nspawn
+        // forks helpers first; one may be seen before the exec).
+        wait_until(Duration::from_secs(30), "the container's PID 1", || {
+            let pid1 = children(nspawn).into_iter().find(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "systemd")
+            });
+            self.pid1 = pid1.unwrap_or(0);
+            pid1.is_some()
+        })
         .with_context(|| self.console())?;
         let mut state = String::new();
         wait_until(Duration::from_secs(60), "systemd running", || {

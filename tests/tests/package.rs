@@ -113,6 +113,34 @@ fn denials(c: &Container) -> Vec<String> {
         .collect()
 }
 
+/// Nothing of vane's left running or set up: process, socket, device,
+/// policy routing rule or route, nft table, lockdown file.
+fn assert_clean(c: &Container, a: &vane_e2e::Netns, root: &std::path::Path, after: &str) {
+    let left = c
+        .ok("pgrep -l 'vaned|vane-tunnel' || true; find /run/vane /run/wireguard -mindepth 1 2>/dev/null || true")
+        .unwrap();
+    assert!(left.is_empty(), "left after {after}: {left}");
+    assert!(
+        a.exec("ip", &["link", "show", "vane0"]).is_err(),
+        "{after}: vane0 left"
+    );
+    assert!(
+        a.exec("nft", &["list", "table", "inet", "vane"]).is_err(),
+        "{after}: the kill switch left"
+    );
+    let rules = a.ip(&["rule"]).unwrap() + &a.ip(&["-6", "rule"]).unwrap();
+    assert!(
+        !rules.contains("51820") && !rules.contains("fwmark"),
+        "{after}: rules left: {rules}"
+    );
+    let routes = a.ip(&["route", "show", "table", "all"]).unwrap();
+    assert!(!routes.contains("vane0"), "{after}: routes left: {routes}");
+    assert!(
+        !root.join("var/lib/vane/lockdown.json").exists(),
+        "{after}: lockdown.json left"
+    );
+}
+
 #[test]
 fn the_package_under_systemd_installs_upgrades_survives_faults_and_removes_cleanly() {
     vane_e2e::require_root();
@@ -367,21 +395,25 @@ fn the_package_under_systemd_installs_upgrades_survives_faults_and_removes_clean
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     traffic.join().unwrap().unwrap();
 
+    // Without lockdown (released by the user), a stop takes everything
+    // away: the host is as it was before vaned started.
+    c.ok("vanectl lockdown off").unwrap();
+    c.ok("systemctl stop vaned").unwrap();
+    assert_clean(&c, a, &root, "systemctl stop without lockdown");
+    a.ping_until(NET4, UP).unwrap();
+    // Engaged again for the removal, which must release it.
+    c.ok("systemctl start vaned").unwrap();
+    c.ok("vanectl lockdown on").unwrap();
+    wait_until(UP, "the tunnel up again", || {
+        tunnel_state(&c, "vanectl") == "up"
+    })
+    .unwrap();
+    assert!(root.join("var/lib/vane/lockdown.json").is_file());
+
     // Removal: everything vaned set up goes, lockdown included; purge
     // takes vaned's state and leaves the admin's tunnel file.
     c.ok("dpkg --remove vaned").unwrap();
-    let left = c
-        .ok("pgrep -l 'vaned|vane-tunnel' || true; find /run/vane /run/wireguard -mindepth 1 2>/dev/null || true")
-        .unwrap();
-    assert!(left.is_empty(), "left after remove: {left}");
-    assert!(a.exec("ip", &["link", "show", "vane0"]).is_err());
-    assert!(a.exec("nft", &["list", "table", "inet", "vane"]).is_err());
-    let rules = a.ip(&["rule"]).unwrap() + &a.ip(&["-6", "rule"]).unwrap();
-    assert!(
-        !rules.contains("51820") && !rules.contains("fwmark"),
-        "{rules}"
-    );
-    assert!(!root.join("var/lib/vane/lockdown.json").exists());
+    assert_clean(&c, a, &root, "dpkg --remove");
     a.ping_until(NET4, UP).unwrap();
     c.ok("dpkg --purge vaned").unwrap();
     assert!(!root.join("var/lib/vane").exists());
