@@ -395,15 +395,30 @@ fn the_package_under_systemd_installs_upgrades_survives_faults_and_removes_clean
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     traffic.join().unwrap().unwrap();
 
-    // Without lockdown (released by the user), a stop takes everything
-    // away: the host is as it was before vaned started.
+    // Lockdown released by the user: the file goes; a stop then takes
+    // everything away: the host is as it was before vaned started.
+    let kept = root.join("var/lib/vane/lockdown.json");
     c.ok("vanectl lockdown off").unwrap();
+    wait_until(UP, "lockdown.json removed", || !kept.exists()).unwrap();
+    c.ok("vanectl lockdown on").unwrap();
+    wait_until(UP, "lockdown.json again", || kept.is_file()).unwrap();
+    // Released by the rule file (`lockdown = false`, taken on its own by
+    // the watch): the same.
+    std::fs::write(
+        root.join("etc/vane/vane.toml"),
+        RULES.replace("lockdown = true", "lockdown = false"),
+    )
+    .unwrap();
+    wait_until(UP, "lockdown.json removed by the rule file", || {
+        !kept.exists()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", journal(&c)));
     c.ok("systemctl stop vaned").unwrap();
     assert_clean(&c, a, &root, "systemctl stop without lockdown");
     a.ping_until(NET4, UP).unwrap();
     // Engaged again for the removal, which must release it.
+    std::fs::write(root.join("etc/vane/vane.toml"), RULES).unwrap();
     c.ok("systemctl start vaned").unwrap();
-    c.ok("vanectl lockdown on").unwrap();
     wait_until(UP, "the tunnel up again", || {
         tunnel_state(&c, "vanectl") == "up"
     })
