@@ -289,12 +289,18 @@ fn without_its_tunnel_configuration_vaned_runs_and_starts_the_tunnel_once_writte
     let s = vaned.wait_state("up", UP).unwrap();
     assert!(s["tunnel"]["last_error"].is_null(), "{s:#}");
     lab.pair.a.ping_until(SERVER_INNER, UP).unwrap();
-    // Broken later: the tunnel in force stays, the refusal is shown.
-    std::fs::write(&conf, "[Interface]\nPrivateKey = nonsense\n").unwrap();
+    // Broken later (a typo): the tunnel in force stays, the refusal is
+    // shown with the file and line.
+    let typo = String::from_utf8(std::fs::read(&aside).unwrap())
+        .unwrap()
+        .replace("AllowedIPs", "AllowedIP");
+    std::fs::write(&conf, typo).unwrap();
     wait_until(UP, "the refusal in the status", || {
-        vaned
-            .status()
-            .is_ok_and(|s| s["tunnel"]["last_error"].is_string())
+        vaned.status().is_ok_and(|s| {
+            s["tunnel"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("vane0.conf:") && e.contains("unknown key AllowedIP"))
+        })
     })
     .unwrap();
     assert_eq!(vaned.status().unwrap()["tunnel"]["state"], "up");

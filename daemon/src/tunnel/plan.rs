@@ -98,3 +98,77 @@ pub fn build(tunnel: &TunnelSection, binary: PathBuf) -> Result<Plan, PlanError>
         dns_search: parsed.interface.dns_search.clone(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const WG: &str = "[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n\n\
+[Peer]\nPublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\nAllowedIPs = 10.9.0.0/24\n";
+
+    fn section(dir: &std::path::Path, text: &str, full: bool) -> TunnelSection {
+        let config = dir.join("vt0.conf");
+        std::fs::write(&config, text).unwrap();
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+        TunnelSection {
+            interface: "vt0".into(),
+            config,
+            include_all_networks: full,
+            exclude_local_networks: true,
+            lockdown: true,
+        }
+    }
+
+    fn refused(text: &str, full: bool, needle: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let e = build(&section(dir.path(), text, full), PathBuf::from("/x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle), "{needle:?} not in {e}");
+    }
+
+    #[test]
+    fn a_refused_configuration_names_the_file_and_line() {
+        refused(
+            &WG.replace("\n\n[Peer]", "\nDNS = 10.9.0.53, not..a.domain\n\n[Peer]"),
+            true,
+            "vt0.conf:3: DNS: \"not..a.domain\" is neither an IP address nor a domain name",
+        );
+        refused(
+            &WG.replace("AllowedIPs = 10.9.0.0/24", "AllowedIPs = 0.0.0.0/0"),
+            false,
+            "default route",
+        );
+        refused(
+            &WG.replace("AllowedIPs", "AllowedIP"),
+            false,
+            "vt0.conf:6: unknown key AllowedIP",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = section(dir.path(), WG, false);
+        s.config = dir.path().join("missing.conf");
+        let e = build(&s, PathBuf::from("/x")).unwrap_err().to_string();
+        assert!(e.contains("missing.conf"), "{e}");
+    }
+
+    #[test]
+    fn the_unconfigured_plan_keeps_the_rule_files_full_tunnel_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = unconfigured(&section(dir.path(), WG, true), PathBuf::from("/x"));
+        assert_eq!(p.ifname, "vt0");
+        assert_eq!(
+            p.full,
+            Some(FullTunnel {
+                fwmark: DEFAULT_FWMARK,
+                exclude_local_networks: true
+            })
+        );
+        assert_eq!(p.device.fwmark, DEFAULT_FWMARK);
+        assert!(p.device.private_key.is_none() && p.device.peers.is_empty());
+        assert!(p.routes.is_empty() && p.addresses.is_empty() && p.dns_servers.is_empty());
+        let split = unconfigured(&section(dir.path(), WG, false), PathBuf::from("/x"));
+        assert!(split.full.is_none());
+        assert_eq!(split.device.fwmark, 0);
+    }
+}
