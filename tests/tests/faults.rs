@@ -404,3 +404,278 @@ fn lockdown_leaks_nothing_through_a_sequence_of_faults() {
     stop.store(true, Ordering::Relaxed);
     traffic.join().unwrap().unwrap();
 }
+
+/// Where the matrix's faults strike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MatrixState {
+    /// A split tunnel, up (AllowedIPs the server's inner addresses).
+    SplitUp,
+    /// A full tunnel in lockdown, up.
+    FullUp,
+    /// A full tunnel in lockdown, down by the user's `vanectl down`.
+    LockdownDown,
+    /// A full tunnel in lockdown whose peer does not answer: the tunnel
+    /// runs and keeps trying to handshake.
+    Reconnecting,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    TunnelKill,
+    VanedKill,
+    Handover,
+    BothKill,
+    NewBinary,
+    UplinkBounce,
+    RuleFlip,
+    Reload,
+}
+
+const FAULTS: [Fault; 8] = [
+    Fault::Reload,
+    Fault::VanedKill,
+    Fault::Handover,
+    Fault::RuleFlip,
+    Fault::TunnelKill,
+    Fault::NewBinary,
+    Fault::BothKill,
+    Fault::UplinkBounce,
+];
+
+/// The faults after which no datagram the kernel accepted may be lost
+/// (vaned's replacement and a reload do not touch the data path). The
+/// others replace the tunnel process, take the tunnel down and up (a rule
+/// flip: a datagram in flight at the disconnect was seen lost, 1 in 4
+/// runs) or cut the uplink: what they lose is reported.
+fn lossless(f: Fault) -> bool {
+    matches!(f, Fault::Reload | Fault::VanedKill | Fault::Handover)
+}
+
+/// One state of the fault matrix: every fault in turn, each with the next
+/// vaned started as soon as the old one is gone, checked the way a user
+/// loses from it: packets on the wire outside the tunnel (full tunnel
+/// states: none), numbered datagrams (up states: none lost for the
+/// lossless faults), and a byte-checked TCP stream that must come through
+/// all of it as one intact connection (up states).
+fn matrix(state: MatrixState, port: u16) {
+    let split = state == MatrixState::SplitUp;
+    let lab = if split {
+        Lab::new(
+            "[on_demand]\nenabled = true\n\n[[on_demand.rule]]\naction = \"connect\"\ninterface = \"ethernet\"\n",
+        )
+        .unwrap()
+    } else {
+        lockdown_lab()
+    };
+    let (a, b) = (&lab.pair.a, &lab.pair.b);
+    let binary = lab.dir.path().join("vane-tunnel");
+    std::fs::copy(vane_e2e::vane_tunnel_bin(), &binary).unwrap();
+    let start = || lab.start_vaned_bin(&binary, &[]).unwrap();
+    let connect_rules = lab.rules_text();
+    let disconnect_rules = connect_rules.replace("action = \"connect\"", "action = \"disconnect\"");
+    let leaks = (!split).then(|| Leaks::install(b, &lab.server_if, NET4, NET6));
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let traffic = (!split).then(|| senders(a, &lab.pair.veth_a, stop.clone(), rounds.clone()));
+
+    let mut vaned = start();
+    if split {
+        vaned.wait_state("up", UP).unwrap();
+    } else {
+        wait_until(UP, "the kill switch", || {
+            vaned
+                .status()
+                .is_ok_and(|s| s["tunnel"]["kill_switch"]["active"] == true)
+        })
+        .unwrap();
+    }
+    let baseline = leaks.as_ref().map(|l| l.leaked());
+    vaned.wait_state("up", UP).unwrap();
+    a.ping_until(vane_e2e::vaned::SERVER_INNER, UP).unwrap();
+    let flowing = matches!(state, MatrixState::SplitUp | MatrixState::FullUp);
+    match state {
+        MatrixState::LockdownDown => {
+            let o = vaned.ctl(&["down"]);
+            assert!(o.status.success(), "{}", text(&o));
+            vaned.wait_state("down", UP).unwrap();
+        }
+        MatrixState::Reconnecting => {
+            // The peer stops answering: its UDP port drops everything.
+            b.exec(
+                "nft",
+                &[
+                    "add table inet mute; add chain inet mute in { type filter hook input priority -10; }; add rule inet mute in udp dport 51820 drop",
+                ],
+            )
+            .unwrap();
+        }
+        _ => {}
+    }
+    let numbered = flowing.then(|| Numbered::start(a, b, vane_e2e::vaned::SERVER_INNER, port));
+    let stream = flowing.then(|| {
+        let to = format!("{}:{}", vane_e2e::vaned::SERVER_INNER, port + 1)
+            .parse()
+            .unwrap();
+        let s = vane_e2e::stream::Stream::start(a, b, to, Duration::from_secs(15)).unwrap();
+        s.wait_flowing(32 * 1024, UP).unwrap();
+        s
+    });
+    if let Some(n) = &numbered {
+        settle(n);
+    }
+    let expect = if state == MatrixState::LockdownDown {
+        "down"
+    } else {
+        "up"
+    };
+
+    let mut report = Vec::new();
+    for fault in FAULTS {
+        let since = Instant::now();
+        match fault {
+            Fault::TunnelKill => {
+                if state == MatrixState::LockdownDown {
+                    continue;
+                }
+                vaned.kill_tunnel_and_wait_for_the_next(UP).unwrap();
+            }
+            Fault::VanedKill | Fault::Handover => {
+                vaned.proc_.owned.clear();
+                let sig = if fault == Fault::VanedKill {
+                    Signal::SIGKILL
+                } else {
+                    Signal::SIGUSR2
+                };
+                vaned.proc_.stop(sig).unwrap();
+                vaned = start();
+            }
+            Fault::BothKill => {
+                if state == MatrixState::LockdownDown {
+                    vaned.proc_.owned.clear();
+                    vaned.proc_.stop(Signal::SIGKILL).unwrap();
+                } else {
+                    kill_both(&mut vaned);
+                }
+                vaned = start();
+            }
+            Fault::NewBinary => {
+                if state == MatrixState::LockdownDown {
+                    continue;
+                }
+                let old = vaned.tunnel_pid().unwrap();
+                let tmp = binary.with_extension("dpkg-new");
+                std::fs::copy(vane_e2e::vane_tunnel_bin(), &tmp).unwrap();
+                std::fs::rename(&tmp, &binary).unwrap();
+                wait_until(UP, "the tunnel on the new binary", || {
+                    vaned.tunnel_pid().is_ok_and(|p| p != old)
+                })
+                .unwrap();
+            }
+            Fault::UplinkBounce => {
+                a.ip(&["link", "set", &lab.pair.veth_a, "down"]).unwrap();
+                a.ip(&["link", "set", &lab.pair.veth_a, "up"]).unwrap();
+                a.ip(&["route", "replace", "default", "via", "192.0.2.2"])
+                    .unwrap();
+                if !split {
+                    // The link's IPv6 address comes back first (the route
+                    // is refused until then).
+                    wait_until(UP, "the IPv6 default route back", || {
+                        a.ip(&["-6", "route", "replace", "default", "via", "fd00:77::2"])
+                            .is_ok()
+                    })
+                    .unwrap();
+                }
+            }
+            Fault::RuleFlip => {
+                lab.write_rules(&disconnect_rules).unwrap();
+                if expect == "up" {
+                    vaned.wait_state("down", UP).unwrap();
+                }
+                lab.write_rules(&connect_rules).unwrap();
+            }
+            Fault::Reload => {
+                let o = vaned.ctl(&["reload"]);
+                assert!(o.status.success(), "{}", text(&o));
+            }
+        }
+        // A user's `down` ends when the network changes: the uplink gone
+        // and back may end it (lockdown holds either way).
+        let either = state == MatrixState::LockdownDown && fault == Fault::UplinkBounce;
+        let mut last = serde_json::Value::Null;
+        wait_until(
+            UP,
+            &format!("{state:?}/{fault:?}: the tunnel {expect}"),
+            || {
+                last = vaned.status().unwrap_or_default();
+                last["tunnel"]["state"] == expect || (either && last["tunnel"]["state"] == "up")
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}: {last:#}\n{}", vaned.proc_.log()));
+        let mut lost = None;
+        if let (Some(n), Some(s)) = (&numbered, &stream) {
+            settle(n);
+            s.wait_flowing(16 * 1024, Duration::from_secs(15))
+                .unwrap_or_else(|e| panic!("{state:?}/{fault:?}: the stream: {e}"));
+            let (l, accepted) = n.lost_since(since);
+            assert!(
+                !lossless(fault) || l.is_empty(),
+                "{state:?}/{fault:?}: {} of {accepted} datagrams lost: {l:?}\n{}",
+                l.len(),
+                vaned.proc_.log()
+            );
+            lost = Some(l.len());
+        } else {
+            // Traffic ran through the fault: 100 more rounds of sends.
+            let r = rounds.load(Ordering::Relaxed);
+            wait_until(UP, "more rounds of sends", || {
+                rounds.load(Ordering::Relaxed) >= r + 100
+            })
+            .unwrap();
+        }
+        if let (Some(l), Some(base)) = (&leaks, baseline) {
+            assert_eq!(
+                l.leaked(),
+                base,
+                "{state:?}/{fault:?}: packets left the uplink in plain\n{}\nvaned log:\n{}",
+                l.log(),
+                vaned.proc_.log()
+            );
+        }
+        report.push((fault, lost));
+    }
+    if let Some(s) = stream {
+        let r = s.finish().unwrap();
+        eprintln!(
+            "{state:?}: TCP stream {} bytes intact, longest stall {:?}",
+            r.bytes, r.max_gap
+        );
+    }
+    if let Some(n) = numbered {
+        n.finish();
+    }
+    stop.store(true, Ordering::Relaxed);
+    if let Some(t) = traffic {
+        t.join().unwrap().unwrap();
+    }
+    eprintln!("{state:?}: datagrams lost per fault: {report:?}");
+}
+
+#[test]
+fn fault_matrix_split_tunnel_up() {
+    matrix(MatrixState::SplitUp, 7311);
+}
+
+#[test]
+fn fault_matrix_full_tunnel_up_in_lockdown() {
+    matrix(MatrixState::FullUp, 7321);
+}
+
+#[test]
+fn fault_matrix_lockdown_with_the_tunnel_down() {
+    matrix(MatrixState::LockdownDown, 7331);
+}
+
+#[test]
+fn fault_matrix_reconnecting_in_lockdown() {
+    matrix(MatrixState::Reconnecting, 7341);
+}
