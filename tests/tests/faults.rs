@@ -443,12 +443,17 @@ const FAULTS: [Fault; 8] = [
 ];
 
 /// The faults after which no datagram the kernel accepted may be lost
-/// (vaned's replacement and a reload do not touch the data path). The
-/// others replace the tunnel process, take the tunnel down and up (a rule
-/// flip: a datagram in flight at the disconnect was seen lost, 1 in 4
-/// runs) or cut the uplink: what they lose is reported.
+/// (vaned's replacement and a reload do not touch the data path; a rule
+/// flip is a disconnect and a connect, both lossless: before the
+/// disconnect removed the routes ahead of taking the link down, a datagram
+/// on its way into the device was lost in 1 of 4 runs). The others
+/// replace the tunnel process or cut the uplink: what they lose is
+/// reported.
 fn lossless(f: Fault) -> bool {
-    matches!(f, Fault::Reload | Fault::VanedKill | Fault::Handover)
+    matches!(
+        f,
+        Fault::Reload | Fault::VanedKill | Fault::Handover | Fault::RuleFlip
+    )
 }
 
 /// One state of the fault matrix: every fault in turn, each with the next

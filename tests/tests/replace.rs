@@ -167,14 +167,15 @@ fn check_adopted(s: &Setup, tunnel: u32, handshake: u64, path: &str) {
         s.vaned.proc_.log()
     );
     assert_eq!(st["tunnel"]["restarts"], 0, "{st:#}");
-    assert!(
+    // The worker logs the adoption as it carries it out, which may be just
+    // after the status says up.
+    wait_until(UP, "the adoption logged", || {
         s.vaned
             .proc_
             .log()
-            .contains("adopted the running tunnel process"),
-        "{}",
-        s.vaned.proc_.log()
-    );
+            .contains("adopted the running tunnel process")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.vaned.proc_.log()));
     s.stream.wait_flowing(FLOWING, UP).unwrap();
     let now = server_handshake(&s.lab);
     // WireGuard rekeys every two minutes whatever happens: only a

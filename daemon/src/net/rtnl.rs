@@ -134,6 +134,21 @@ pub fn add_address(index: u32, net: IpNet) -> io::Result<()> {
     )
 }
 
+/// Deletes an address (and with it the prefix route it made); one that is
+/// not there is fine.
+pub fn delete_address(index: u32, net: IpNet) -> io::Result<()> {
+    let mut a = AddressMessage::default();
+    a.header.index = index;
+    a.header.prefix_len = net.prefix_len();
+    a.header.family = family(net.addr());
+    a.attributes.push(AddressAttribute::Local(net.addr()));
+    a.attributes.push(AddressAttribute::Address(net.addr()));
+    ignore(
+        request(RouteNetlinkMessage::DelAddress(a), 0),
+        libc::EADDRNOTAVAIL,
+    )
+}
+
 fn family(addr: IpAddr) -> AddressFamily {
     if addr.is_ipv4() {
         AddressFamily::Inet
@@ -169,6 +184,18 @@ pub fn add_route(index: u32, net: IpNet, table: u32) -> io::Result<()> {
             NLM_F_CREATE | NLM_F_EXCL,
         ),
         libc::EEXIST,
+    )
+}
+
+/// Deletes the route to `net` through the link from `table`; a route that
+/// is not there is fine.
+pub fn delete_route(index: u32, net: IpNet, table: u32) -> io::Result<()> {
+    ignore(
+        request(
+            RouteNetlinkMessage::DelRoute(route_message(index, net, table)),
+            0,
+        ),
+        libc::ESRCH,
     )
 }
 

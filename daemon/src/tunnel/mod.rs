@@ -679,6 +679,26 @@ impl Worker {
         Ok(())
     }
 
+    /// Removes the routes `route_into` added, and the addresses with the
+    /// prefix routes they made (the link stays up).
+    fn unroute(&self, index: u32) {
+        let plan = &self.plan;
+        for a in &plan.addresses {
+            if let Err(e) = rtnl::delete_address(index, *a) {
+                debug!(interface = %plan.ifname, "address {a}: {e}");
+            }
+        }
+        let mut routes: Vec<(IpNet, u32)> = plan.routes.iter().map(|r| (*r, MAIN_TABLE)).collect();
+        if let Some(ft) = &plan.full {
+            routes.extend(routing::table_routes().into_iter().map(|r| (r, ft.table())));
+        }
+        for (r, table) in routes {
+            if let Err(e) = rtnl::delete_route(index, r, table) {
+                debug!(interface = %plan.ifname, "route {r} table {table}: {e}");
+            }
+        }
+    }
+
     /// Stops the tunnel process, if any: SIGTERM, then SIGKILL.
     async fn kill(&mut self) {
         let Some(mut running) = self.running.take() else {
@@ -853,12 +873,21 @@ impl Worker {
             self.rules.clear();
         }
         let index = rtnl::link_index(&self.plan.ifname).unwrap_or(0);
+        // The routes (and the addresses, whose prefix routes lead into the
+        // device too) go before the link: a packet the kernel routed into
+        // the device just before reaches its queue (the link still up) and
+        // the stopping tunnel drains and sends it. Taking the link down
+        // first dropped such a packet on its way (its sender had been told
+        // it was sent).
+        if index != 0 {
+            self.unroute(index);
+        }
+        self.kill().await;
         if index != 0 {
             if let Err(e) = rtnl::set_down(index) {
                 debug!(interface = %self.plan.ifname, "link down: {e}");
             }
         }
-        self.kill().await;
         self.revert_dns(index).await;
         if let Some(index) = rtnl::link_index(&self.plan.ifname) {
             if let Err(e) = rtnl::delete_link(index) {
