@@ -96,6 +96,17 @@ pub fn lockdown_lab() -> Lab {
     let rules = "include_all_networks = true\nexclude_local_networks = false\nlockdown = true\n\n\
                  [on_demand]\nenabled = true\n\n[[on_demand.rule]]\naction = \"connect\"\n";
     let lab = Lab::new_with(rules, "0.0.0.0/0, ::/0", "").unwrap();
+    internet_beyond(&lab);
+    lab
+}
+
+/// The "internet" beyond the client's gateway, for a full tunnel's lab:
+/// NET4 and NET6 on the server's loopback, reachable through the tunnel or,
+/// without it, over the underlay (the server forwards), and an IPv6
+/// default route on the client's underlay, as a dual-stack network gives:
+/// without it an IPv6 packet outside the tunnel has no way out, and a
+/// check that none leaked could not fail.
+pub fn internet_beyond(lab: &Lab) {
     let (a, b) = (&lab.pair.a, &lab.pair.b);
     b.ip(&["addr", "add", &format!("{NET4}/32"), "dev", "lo"])
         .unwrap();
@@ -103,12 +114,8 @@ pub fn lockdown_lab() -> Lab {
         .unwrap();
     b.exec("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])
         .unwrap();
-    // An IPv6 default route on the client's underlay: without it an IPv6
-    // packet outside the tunnel has no way out, and a check that none
-    // leaked could not fail.
     a.ip(&["-6", "route", "add", "default", "via", "fd00:77::2"])
         .unwrap();
-    lab
 }
 
 /// UDP every millisecond until `stop`: to NET4 and NET6 beyond the
@@ -123,14 +130,7 @@ pub fn senders(
 ) -> std::thread::JoinHandle<anyhow::Result<()>> {
     let uplink = uplink.to_owned();
     ns.run_in(move || {
-        let v4 = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        let v6 = std::net::UdpSocket::bind("[::]:0")?;
-        let bound = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        nix::sys::socket::setsockopt(
-            &bound,
-            nix::sys::socket::sockopt::BindToDevice,
-            &std::ffi::OsString::from(uplink),
-        )?;
+        let (v4, v6, bound) = leak_sockets(&uplink)?;
         while !stop.load(Ordering::Relaxed) {
             let _ = v4.send_to(b"beyond", (NET4, 9));
             let _ = v6.send_to(b"beyond6", (NET6, 9));
@@ -141,4 +141,26 @@ pub fn senders(
         }
         Ok(())
     })
+}
+
+/// The sockets a leak sender sends from (call it in the client's
+/// namespace): IPv4, IPv6, and IPv4 bound to the uplink device (as `ping
+/// -I eth0` does: routing rules cannot send that into the tunnel, only the
+/// kill switch stops it).
+pub fn leak_sockets(
+    uplink: &str,
+) -> anyhow::Result<(
+    std::net::UdpSocket,
+    std::net::UdpSocket,
+    std::net::UdpSocket,
+)> {
+    let v4 = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    let v6 = std::net::UdpSocket::bind("[::]:0")?;
+    let bound = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    nix::sys::socket::setsockopt(
+        &bound,
+        nix::sys::socket::sockopt::BindToDevice,
+        &std::ffi::OsString::from(uplink),
+    )?;
+    Ok((v4, v6, bound))
 }

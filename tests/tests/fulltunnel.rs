@@ -17,10 +17,9 @@ use vane_e2e::vaned::{text, Lab};
 use vane_e2e::{wait_until, Netns};
 
 const UP: Duration = Duration::from_secs(20);
-/// An "internet" host behind the server, reachable through the tunnel or,
-/// without it, over the underlay.
-const NET4: &str = "203.0.113.1";
-const NET6: &str = "fd00:203::1";
+// NET4, NET6: an "internet" host behind the server, reachable through the
+// tunnel or, without it, over the underlay.
+use vane_e2e::leaks::{NET4, NET6};
 
 /// The rule file after the lab's `[tunnel]` lines: two more `[tunnel]`
 /// keys, then a rule that always connects.
@@ -45,17 +44,10 @@ fn ipv6_default_route(lab: &Lab) {
 /// server's side (reachable over the underlay too).
 fn lab(exclude_local: bool) -> Lab {
     let lab = Lab::new_with(&rules(exclude_local), "0.0.0.0/0, ::/0", "").unwrap();
-    ipv6_default_route(&lab);
-    let b = &lab.pair.b;
-    b.ip(&["addr", "add", &format!("{NET4}/32"), "dev", "lo"])
-        .unwrap();
-    b.ip(&["addr", "add", &format!("{NET6}/128"), "dev", "lo"])
-        .unwrap();
     // The server routes the client's inner addresses back into its tunnel
     // (10.99.0.0/24 and fd99::/64 are on its interface already), and the
     // underlay way back for the client's underlay addresses is the veth.
-    b.exec("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])
-        .unwrap();
+    vane_e2e::leaks::internet_beyond(&lab);
     lab
 }
 
@@ -471,14 +463,7 @@ fn traffic(
 ) -> std::thread::JoinHandle<anyhow::Result<()>> {
     let uplink = uplink.to_owned();
     ns.run_in(move || {
-        let v4 = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        let v6 = std::net::UdpSocket::bind("[::]:0")?;
-        let bound = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        nix::sys::socket::setsockopt(
-            &bound,
-            nix::sys::socket::sockopt::BindToDevice,
-            &std::ffi::OsString::from(uplink),
-        )?;
+        let (v4, v6, bound) = vane_e2e::leaks::leak_sockets(&uplink)?;
         let query = [
             0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 4, b'l', b'e', b'a', b'k', 7, b'e', b'x',
             b'a', b'm', b'p', b'l', b'e', 0, 0, 1, 0, 1,
