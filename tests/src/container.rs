@@ -7,7 +7,9 @@
 //! builds it: `target/vane-ct/root.tar`, or `VANE_CT_ROOT`), unpacked into a
 //! directory of the test's own, which goes with the container. The host runs
 //! no systemd, hence `--register=no --keep-unit`; a joined network namespace
-//! grants no capability of its own, hence `--capability=CAP_NET_ADMIN`.
+//! grants no capability of its own, hence `--capability=CAP_NET_ADMIN`;
+//! `--private-network` with it gives the container a sysfs of that
+//! namespace (vaned reads interface types and TUN flags there).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -104,6 +106,11 @@ impl Container {
             .arg(self.root())
             .args(["-b", "--register=no", "--keep-unit", "--console=passive"])
             .args(["--capability=CAP_NET_ADMIN", "--machine", &self.name])
+            // With the joined namespace, --private-network makes nspawn
+            // mount a sysfs of that namespace (without it /sys shows the
+            // host's interfaces, and vaned reads the types and the TUN
+            // device's flags from there).
+            .arg("--private-network")
             .arg(format!(
                 "--network-namespace-path=/run/netns/{}",
                 self.netns

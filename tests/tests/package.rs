@@ -86,7 +86,7 @@ fn unit_healthy(c: &Container) {
 }
 
 fn journal(c: &Container) -> String {
-    c.ok("journalctl -b -u vaned -u vane-lockdown -o short-monotonic --no-pager | tail -60")
+    c.ok("journalctl -b -u vaned -u vane-lockdown -o short-monotonic --no-pager | tail -100")
         .unwrap_or_default()
 }
 
