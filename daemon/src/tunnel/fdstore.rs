@@ -48,8 +48,14 @@ pub fn udp_for(passed: &mut Vec<(String, OwnedFd)>, ifname: &str) -> Option<UdpS
     let wanted = name(ifname);
     let i = passed.iter().position(|(n, _)| *n == wanted)?;
     let (_, fd) = passed.swap_remove(i);
+    // Only a bound datagram socket is of use; anything else is closed.
+    let datagram = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SockType)
+        .is_ok_and(|t| t == nix::sys::socket::SockType::Datagram);
+    if !datagram {
+        tracing::warn!("the descriptor systemd kept as {wanted} is not a datagram socket; closed");
+        return None;
+    }
     let socket = UdpSocket::from(fd);
-    // Only a bound UDP socket is of use; anything else is closed.
     match socket.local_addr() {
         Ok(a) if a.port() != 0 => Some(socket),
         _ => None,
@@ -74,5 +80,33 @@ pub fn forget(ifname: &str) {
     let n = name(ifname);
     if let Err(e) = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(&n)]) {
         debug!("cannot take the UDP socket out of systemd's store: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::OwnedFd;
+
+    #[test]
+    fn only_a_bound_datagram_socket_of_this_interface_is_taken() {
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut passed: Vec<(String, OwnedFd)> = vec![
+            (
+                "udp-vane1".into(),
+                OwnedFd::from(UdpSocket::bind("127.0.0.1:0").unwrap()),
+            ),
+            ("udp-vane0".into(), OwnedFd::from(udp)),
+        ];
+        let got = udp_for(&mut passed, "vane0").unwrap();
+        assert_eq!(got.local_addr().unwrap().port(), port);
+        assert_eq!(passed.len(), 1, "the other interface's stays");
+        assert!(udp_for(&mut passed, "vane0").is_none(), "taken once");
+        // A stream socket under the name is refused (and closed).
+        let mut passed = vec![("udp-vane0".to_owned(), OwnedFd::from(tcp))];
+        assert!(udp_for(&mut passed, "vane0").is_none());
+        assert!(passed.is_empty());
     }
 }
