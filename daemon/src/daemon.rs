@@ -625,8 +625,8 @@ impl Daemon {
     /// lockdown that the user has not released (also while vaned stops,
     /// and after: lockdown holds while vaned does not run).
     fn protect_wanted(&self) -> bool {
-        self.plan.full.is_some()
-            && ((!self.shutting_down && self.supervisor.wants_up()) || self.lockdown())
+        self.lockdown()
+            || (self.plan.full.is_some() && !self.shutting_down && self.supervisor.wants_up())
     }
 
     /// Lockdown in force: the rule file's `lockdown = true` for a full

@@ -325,7 +325,6 @@ impl Worker {
         self.stale_shield = true;
     }
 
-    /// Whether the kill switch should block traffic outside the tunnel.
     /// The UDP socket every tunnel process of this worker is given, kept
     /// in systemd's descriptor store too (see [`fdstore`]).
     fn set_socket(&mut self, socket: Option<UdpSocket>) {
@@ -353,6 +352,7 @@ impl Worker {
         }
     }
 
+    /// Whether the kill switch should block traffic outside the tunnel.
     pub fn set_protect(&mut self, on: bool) {
         self.protect = Some(on);
         self.sync_kill_switch();
