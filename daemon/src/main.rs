@@ -102,9 +102,9 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    init_logging();
     // Before any thread: systemd's LISTEN_* variables are cleared here.
     let mut passed = tunnel::fdstore::take_passed();
-    init_logging();
     let rules = match RuleSource::load(&args.config) {
         Ok(r) => r,
         Err(e) => {
@@ -134,7 +134,7 @@ fn main() -> ExitCode {
         }
     };
     let kept_socket = tunnel::fdstore::udp_for(&mut passed, &rules.rules().tunnel.interface);
-    drop(passed);
+    tunnel::fdstore::release(passed);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

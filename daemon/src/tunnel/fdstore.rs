@@ -62,6 +62,17 @@ pub fn udp_for(passed: &mut Vec<(String, OwnedFd)>, ifname: &str) -> Option<UdpS
     }
 }
 
+/// Takes what no tunnel of this vaned uses out of the store and closes it
+/// (a socket kept for an interface the rules no longer name would keep
+/// its port bound).
+pub fn release(passed: Vec<(String, OwnedFd)>) {
+    for (n, fd) in passed {
+        debug!("releasing the descriptor systemd kept as {n}");
+        remove(&n);
+        drop(fd);
+    }
+}
+
 /// Puts `socket` in the store as the one of `ifname` (replacing any).
 pub fn store(ifname: &str, socket: &UdpSocket) {
     forget(ifname);
@@ -77,9 +88,12 @@ pub fn store(ifname: &str, socket: &UdpSocket) {
 /// Takes `ifname`'s socket out of the store (the port is released once
 /// vaned's copy closes too).
 pub fn forget(ifname: &str) {
-    let n = name(ifname);
-    if let Err(e) = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(&n)]) {
-        debug!("cannot take the UDP socket out of systemd's store: {e}");
+    remove(&name(ifname));
+}
+
+fn remove(n: &str) {
+    if let Err(e) = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(n)]) {
+        debug!("cannot take {n} out of systemd's store: {e}");
     }
 }
 
