@@ -160,10 +160,8 @@ impl Container {
         let Some(mut child) = self.nspawn.take() else {
             return Ok(());
         };
-        let mut status = None;
         wait_until(Duration::from_secs(60), "the container powered off", || {
-            status = child.try_wait().ok().flatten();
-            status.is_some()
+            child.try_wait().ok().flatten().is_some()
         })
         .with_context(|| self.console())?;
         Ok(())
