@@ -4,14 +4,14 @@
 //! tunnel's I/O, client connections) runs on other tasks and talks to this
 //! one through channels, so the loop never waits on the outside.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use anyhow::{Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{broadcast, mpsc};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 use vane_ctl::proto::{Command, TunnelState};
 use vane_ctl::proto::{
     DaemonView, DecisionView, ErrorCode, Event, IntentView, KillSwitchView, NetworkView,
@@ -321,53 +321,30 @@ pub async fn run(options: Options) -> Result<Exit> {
     let server = tokio::spawn(control::serve(listener, shared));
 
     let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<()>();
-    let rules_tx = reload_tx.clone();
-    let _watch = match vane_policy::reload::watch(rules.path(), move || {
-        let _ = rules_tx.send(());
-    }) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            warn!(
-                "cannot watch {}: {e}; reload with SIGHUP or `vanectl reload`",
-                rules.path().display()
-            );
-            None
-        }
-    };
+    let _watch = watch(
+        rules.path(),
+        reload_tx.clone(),
+        "reload with SIGHUP or `vanectl reload`",
+    );
 
     // A new tunnel binary renamed into place (an upgrade) moves a running
     // tunnel to it; bursts of events are coalesced (see binary_check).
     let (binary_tx, mut binary_rx) = mpsc::unbounded_channel::<()>();
-    let _binary_watch = match vane_policy::reload::watch(&binary, move || {
-        let _ = binary_tx.send(());
-    }) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            warn!(
-                "cannot watch {}: {e}; a new binary is used from the tunnel's next start",
-                binary.display()
-            );
-            None
-        }
-    };
+    let _binary_watch = watch(
+        &binary,
+        binary_tx,
+        "a new binary is used from the tunnel's next start",
+    );
     let mut binary_check: Option<Instant> = None;
 
     // resolv.conf written over by another program while the tunnel's DNS
     // is on (the file backend) is put back; bursts coalesced likewise.
     let (resolv_tx, mut resolv_rx) = mpsc::unbounded_channel::<()>();
-    let resolv_conf_path = resolv_conf;
-    let _resolv_watch = match vane_policy::reload::watch(&resolv_conf_path, move || {
-        let _ = resolv_tx.send(());
-    }) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            debug!(
-                "cannot watch {}: {e}; a tunnel DNS replaced by another program is not put back",
-                resolv_conf_path.display()
-            );
-            None
-        }
-    };
+    let _resolv_watch = watch(
+        &resolv_conf,
+        resolv_tx,
+        "a tunnel DNS replaced by another program is not put back",
+    );
     let mut resolv_check: Option<Instant> = None;
 
     let now = Instant::now();
@@ -545,6 +522,21 @@ pub async fn run(options: Options) -> Result<Exit> {
     Ok(exit)
 }
 
+/// Watches `path` (see `vane_policy::reload::watch`): each change is a
+/// message on `tx`. A watch that cannot be set up is logged with what that
+/// costs (`otherwise`), and vaned goes on without it.
+fn watch(
+    path: &Path,
+    tx: mpsc::UnboundedSender<()>,
+    otherwise: &str,
+) -> Option<vane_policy::reload::FileWatch> {
+    vane_policy::reload::watch(path, move || {
+        let _ = tx.send(());
+    })
+    .map_err(|e| warn!("cannot watch {}: {e}; {otherwise}", path.display()))
+    .ok()
+}
+
 /// What the observer must not count as the underlying network: the
 /// tunnel's interface, vane's table, the tunnel's own DNS.
 fn exclusions(plan: &Plan) -> Exclusions {
@@ -679,19 +671,12 @@ impl Daemon {
         if self.config_watch.as_ref().is_some_and(|(p, _)| *p == path) {
             return;
         }
-        let tx = self.reload_tx.clone();
-        self.config_watch = match vane_policy::reload::watch(&path, move || {
-            let _ = tx.send(());
-        }) {
-            Ok(w) => Some((path, w)),
-            Err(e) => {
-                warn!(
-                    "cannot watch {}: {e}; after writing it, reload with `vanectl reload`",
-                    path.display()
-                );
-                None
-            }
-        };
+        self.config_watch = watch(
+            &path,
+            self.reload_tx.clone(),
+            "after writing it, reload with `vanectl reload`",
+        )
+        .map(|w| (path, w));
     }
 
     fn dispatch(&mut self, actions: Vec<Action>) {
