@@ -149,7 +149,6 @@ mod bus_tests {
     use crate::dns::{Backend, DnsManager};
     use std::process::Stdio;
     use std::sync::{Arc, Mutex};
-    use std::time::Duration;
 
     struct Bus {
         child: std::process::Child,
@@ -166,28 +165,24 @@ mod bus_tests {
 
     fn private_bus() -> Bus {
         let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("bus");
-        let address = format!("unix:path={}", socket.display());
-        let child = std::process::Command::new("dbus-daemon")
-            .args(["--session", "--nofork", "--nopidfile"])
+        let address = format!("unix:path={}", dir.path().join("bus").display());
+        let mut child = std::process::Command::new("dbus-daemon")
+            .args(["--session", "--nofork", "--nopidfile", "--print-address=1"])
             .arg(format!("--address={address}"))
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .expect("dbus-daemon (package dbus-daemon)");
-        let bus = Bus {
+        // It prints its address once it listens (the socket file exists a
+        // moment before: a connection then was refused), or exits (EOF).
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("piped stdout");
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+        assert!(line.starts_with("unix:"), "dbus-daemon printed {line:?}");
+        Bus {
             child,
             address,
             _dir: dir,
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "dbus-daemon did not create its socket"
-            );
-            std::thread::sleep(Duration::from_millis(10));
         }
-        bus
     }
 
     #[derive(Debug, zbus::DBusError)]
