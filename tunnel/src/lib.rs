@@ -10,6 +10,7 @@ pub mod config;
 pub mod device;
 pub mod model;
 pub mod peers;
+pub mod sandbox;
 pub mod tun;
 pub mod uapi;
 pub mod uapi_server;

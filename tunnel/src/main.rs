@@ -11,11 +11,12 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use vane_tunnel::config;
 use vane_tunnel::device::Device;
 use vane_tunnel::model::DeviceConfig;
+use vane_tunnel::sandbox;
 use vane_tunnel::uapi_server;
 
 mod daemon;
@@ -63,6 +64,13 @@ struct Args {
     /// reason it could not start (vaned waits on it instead of polling).
     #[arg(long, value_name = "FD", requires = "foreground", value_parser = clap::value_parser!(i32).range(3..))]
     ready_fd: Option<i32>,
+
+    /// Serve the userspace API on the bound (not yet listening) Unix socket
+    /// inherited as this descriptor instead of binding
+    /// /var/run/wireguard/IFNAME.sock (vaned binds it, as root, for a
+    /// tunnel running under its own uid, and removes it).
+    #[arg(long, value_name = "FD", requires = "foreground", value_parser = clap::value_parser!(i32).range(3..))]
+    uapi_fd: Option<i32>,
 
     /// The interface to create.
     #[arg(value_name = "IFNAME")]
@@ -181,19 +189,53 @@ async fn run(args: Args, loaded: Option<Loaded>, mut ready: Option<daemon::Ready
         port = device.listen_port(),
         "vane-tunnel running"
     );
+    use tokio::signal::unix::{signal, SignalKind};
+    let signals =
+        signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
+    let (mut sigterm, mut sigint) = match signals {
+        Ok(s) => s,
+        Err(e) => {
+            let e = anyhow::Error::from(e).context("signal handlers");
+            if let Some(ready) = ready.take() {
+                ready.failed(&format!("{e:#}"));
+            }
+            return Err(e);
+        }
+    };
+    // Everything the tunnel opens is open: from here it can open no file
+    // and make only the system calls it needs (sandbox.rs). Before any
+    // thread starts, so that they all inherit it.
+    let mode = match socket_guard {
+        Some(_) => sandbox::Mode::Standalone {
+            socket_dir: uapi_server::SOCKET_DIR.into(),
+        },
+        None => sandbox::Mode::Supervised,
+    };
+    match sandbox::confine(&mode) {
+        Ok(c) => debug!(
+            landlock = %c.landlock,
+            syscalls = c.syscalls,
+            "confined"
+        ),
+        Err(e) => {
+            let e = anyhow::Error::from(e).context("cannot confine the tunnel");
+            if let Some(ready) = ready.take() {
+                ready.failed(&format!("{e:#}"));
+            }
+            return Err(e);
+        }
+    }
     let uapi = tokio::spawn(uapi_server::serve(
         listener,
         Arc::clone(&device) as Arc<dyn uapi_server::UapiHandler>,
     ));
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("SIGTERM handler")?;
     if let Some(ready) = ready.take() {
         ready.ok();
     }
 
     let result = tokio::select! {
         r = Arc::clone(&device).run() => r.context("data path stopped"),
-        _ = tokio::signal::ctrl_c() => { info!("SIGINT, shutting down"); Ok(()) }
+        _ = sigint.recv() => { info!("SIGINT, shutting down"); Ok(()) }
         _ = sigterm.recv() => { info!("SIGTERM, shutting down"); Ok(()) }
     };
     uapi.abort();
@@ -212,10 +254,19 @@ async fn start(
 ) -> Result<(
     Arc<Device>,
     tokio::net::UnixListener,
-    uapi_server::SocketGuard,
+    Option<uapi_server::SocketGuard>,
 )> {
-    let (listener, socket_guard) = uapi_server::bind(&args.interface)
-        .with_context(|| format!("userspace API socket for {}", args.interface))?;
+    let (listener, socket_guard) = match args.uapi_fd {
+        Some(fd) => (
+            uapi_server::listen_inherited(fd).with_context(|| format!("--uapi-fd {fd}"))?,
+            None,
+        ),
+        None => {
+            let (l, g) = uapi_server::bind(&args.interface)
+                .with_context(|| format!("userspace API socket for {}", args.interface))?;
+            (l, Some(g))
+        }
+    };
 
     let mtu = loaded.as_ref().and_then(|l| l.mtu).unwrap_or(args.mtu);
     let tun = if args.attach {

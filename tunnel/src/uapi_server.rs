@@ -110,6 +110,71 @@ pub fn bind_in(dir: &Path, ifname: &str) -> io::Result<(UnixListener, SocketGuar
             "the userspace API socket needs a tokio runtime",
         ));
     }
+    let (socket, guard) = bind_socket(dir, ifname)?;
+    socket.listen(libc::SOMAXCONN)?;
+    let listener = std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(socket));
+    listener.set_nonblocking(true)?;
+    let listener = UnixListener::from_std(listener)?;
+    Ok((listener, guard))
+}
+
+/// Binds `DIR/IFNAME.sock` as [`bind_in`] does, but does not listen: the
+/// process that will serve it (vaned hands it to a tunnel running under
+/// another uid, which could not create it in `DIR`) calls `listen` itself
+/// ([`listen_inherited`]), so that the socket's peer credentials, which a
+/// client reads to learn who serves it, are that process's. The file is
+/// the caller's to remove once nobody serves it ([`remove_stale`]).
+pub fn bind_unlistened(dir: &Path, ifname: &str) -> io::Result<std::os::fd::OwnedFd> {
+    let (socket, guard) = bind_socket(dir, ifname)?;
+    // The file stays when the guard goes: the caller owns it now.
+    std::mem::forget(guard);
+    Ok(socket.into())
+}
+
+/// Listens on the bound, not yet listening Unix stream socket inherited as
+/// descriptor `fd` (see [`bind_unlistened`]), checked to be one so that a
+/// wrong number fails clearly. Must be called within a tokio runtime.
+pub fn listen_inherited(fd: i32) -> io::Result<UnixListener> {
+    use std::os::fd::{BorrowedFd, FromRawFd};
+    // SAFETY: only borrowed for the checks; a closed or foreign descriptor
+    // makes getsockopt fail (EBADF, ENOTSOCK), which is reported.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let socket = socket2::SockRef::from(&borrowed);
+    let (domain, kind) = (socket.domain()?, socket.r#type()?);
+    if domain != socket2::Domain::UNIX || kind != socket2::Type::STREAM {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is not a Unix stream socket"),
+        ));
+    }
+    let bound = socket.local_addr()?;
+    if bound.as_pathname().is_none() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is not bound to a path"),
+        ));
+    }
+    socket.listen(libc::SOMAXCONN)?;
+    socket.set_cloexec(true)?;
+    socket.set_nonblocking(true)?;
+    // SAFETY: the descriptor was inherited for this purpose and nothing
+    // else in the process owns it.
+    let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    UnixListener::from_std(listener)
+}
+
+/// Removes the socket file of `ifname` in `dir` if nothing serves it any
+/// more (a tunnel that listened on a socket vaned bound cannot remove it
+/// itself). A live socket, or anything there that is not a socket, is
+/// left alone and reported.
+pub fn remove_stale(dir: &Path, ifname: &str) -> io::Result<()> {
+    validate_ifname(ifname).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    clear_stale(&dir.join(format!("{ifname}.sock")), ifname)
+}
+
+/// The bound socket of [`bind_in`], before `listen`.
+fn bind_socket(dir: &Path, ifname: &str) -> io::Result<(socket2::Socket, SocketGuard)> {
+    validate_ifname(ifname).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     ensure_dir(dir)?;
     let path = dir.join(format!("{ifname}.sock"));
     clear_stale(&path, ifname)?;
@@ -120,7 +185,8 @@ pub fn bind_in(dir: &Path, ifname: &str) -> io::Result<(UnixListener, SocketGuar
         let _ = std::fs::remove_file(&staged);
         let _ = std::fs::remove_dir(&staging);
         std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
-        let listener = std::os::unix::net::UnixListener::bind(&staged)?;
+        let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+        socket.bind(&socket2::SockAddr::unix(&staged)?)?;
         std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
         // link(2) fails if the name exists: a socket another process bound
         // since the check above is never replaced.
@@ -134,11 +200,11 @@ pub fn bind_in(dir: &Path, ifname: &str) -> io::Result<(UnixListener, SocketGuar
                 e
             }
         })?;
-        Ok::<_, io::Error>(listener)
+        Ok::<_, io::Error>(socket)
     })();
     let _ = std::fs::remove_file(&staged);
     let _ = std::fs::remove_dir(&staging);
-    let listener = result?;
+    let socket = result?;
 
     let meta = std::fs::symlink_metadata(&path)?;
     let guard = SocketGuard {
@@ -146,9 +212,7 @@ pub fn bind_in(dir: &Path, ifname: &str) -> io::Result<(UnixListener, SocketGuar
         dev: meta.dev(),
         ino: meta.ino(),
     };
-    listener.set_nonblocking(true)?;
-    let listener = UnixListener::from_std(listener)?;
-    Ok((listener, guard))
+    Ok((socket, guard))
 }
 
 fn ensure_dir(dir: &Path) -> io::Result<()> {
@@ -541,5 +605,51 @@ mod tests {
         assert!(err.to_string().contains("tokio runtime"), "{err}");
         let err = bind_in(&dir, "../x").unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[tokio::test]
+    async fn a_socket_bound_by_one_process_is_served_by_another() {
+        use std::os::fd::IntoRawFd;
+        let dir = temp_dir("unlistened");
+        let fd = bind_unlistened(&dir, "vt4").unwrap();
+        let path = dir.join("vt4.sock");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // Bound, not listening: nobody serves it yet, and it counts as stale.
+        assert!(!socket_is_live(&path).unwrap());
+        // Another bind of the name is refused only while it is served.
+        let listener = listen_inherited(fd.into_raw_fd()).unwrap();
+        assert!(socket_is_live(&path).unwrap());
+        assert_eq!(
+            bind_unlistened(&dir, "vt4").unwrap_err().kind(),
+            io::ErrorKind::AddrInUse
+        );
+        assert_eq!(
+            remove_stale(&dir, "vt4").unwrap_err().kind(),
+            io::ErrorKind::AddrInUse
+        );
+        tokio::spawn(serve(listener, fake()));
+        assert!(exchange(&path, b"get=1\n\n").await.ends_with("errno=0\n\n"));
+        // A descriptor that is not a Unix stream socket is refused.
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let err = listen_inherited(udp.into_raw_fd()).unwrap_err();
+        assert!(
+            err.to_string().contains("not a Unix stream socket"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_stale_socket_is_removed_and_nothing_else() {
+        let dir = temp_dir("stale");
+        drop(bind_unlistened(&dir, "vt5").unwrap());
+        remove_stale(&dir, "vt5").unwrap();
+        assert!(!dir.join("vt5.sock").exists());
+        remove_stale(&dir, "vt5").unwrap();
+        std::fs::write(dir.join("vt5.sock"), b"").unwrap();
+        assert!(remove_stale(&dir, "vt5").is_err());
+        assert!(dir.join("vt5.sock").exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
