@@ -50,6 +50,10 @@ pub struct Options {
     pub state_dir: PathBuf,
     /// The tunnel's UDP socket as systemd kept it (descriptor store).
     pub kept_socket: Option<std::net::UdpSocket>,
+    /// The tunnel's executable as systemd kept it, with its pid.
+    pub kept_exe: Option<(u32, std::fs::File)>,
+    /// The user the tunnel process runs as.
+    pub tunnel_user: String,
 }
 
 enum WorkerMsg {
@@ -157,9 +161,21 @@ pub async fn run(options: Options) -> Result<Exit> {
         resolv_conf,
         state_dir,
         mut kept_socket,
+        mut kept_exe,
+        tunnel_user,
     } = options;
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
     let mut worker = Worker::new(plan.clone(), reports_tx);
+    let tunnel_uid = match crate::tunnel::process::resolve_user(&tunnel_user) {
+        Ok(c) => Some(c.uid),
+        Err(e) => {
+            // Not fatal here: each start says it again (STATUS=, `vanectl
+            // status`), and starts once the user exists.
+            error!("{e}");
+            None
+        }
+    };
+    worker.set_user(tunnel_user);
     let mut hold_on_exit = false;
     // Lockdown never opens: the kill switch is in place before anything an
     // earlier run left (a tunnel process, the device, policy routing rules,
@@ -209,7 +225,14 @@ pub async fn run(options: Options) -> Result<Exit> {
     // A tunnel process left by an earlier vaned (killed, crashed, or
     // handed over) is adopted when it can be: then what that vaned set up
     // (device, routes, rules, kill switch, DNS) stays as it is.
-    let adoptable = match crate::tunnel::adopt::find(&plan.ifname, &mut kept_socket).await {
+    let adoptable = match crate::tunnel::adopt::find(
+        &plan.ifname,
+        &mut kept_socket,
+        &mut kept_exe,
+        tunnel_uid,
+    )
+    .await
+    {
         Ok(found) => found,
         Err(e) => {
             warn!(interface = %plan.ifname, "cannot adopt the tunnel process left by an earlier vaned: {e:#}; it is stopped and the tunnel starts afresh");

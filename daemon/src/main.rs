@@ -70,6 +70,12 @@ struct Args {
     /// over from the running tunnel at once.
     #[arg(long, value_name = "PATH")]
     tunnel_binary: Option<PathBuf>,
+    /// The user the tunnel process runs as (its primary group too): the
+    /// data plane parses datagrams from anyone, and under its own uid a
+    /// compromise of it owns no file of the system. The package creates
+    /// it. `root` keeps the tunnel as uid 0 (still without capabilities).
+    #[arg(long, value_name = "USER", default_value = tunnel::DEFAULT_TUNNEL_USER)]
+    tunnel_user: String,
     /// A file naming the SSID of each Wi-Fi interface, for hosts without
     /// nl80211 (see observer/README.md).
     #[arg(long, value_name = "FILE")]
@@ -134,6 +140,7 @@ fn main() -> ExitCode {
         }
     };
     let kept_socket = tunnel::fdstore::udp_for(&mut passed, &rules.rules().tunnel.interface);
+    let kept_exe = tunnel::fdstore::exe_for(&mut passed, &rules.rules().tunnel.interface);
     tunnel::fdstore::release(passed);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -146,7 +153,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(start(args, rules, plan, plan_error, binary, kept_socket)) {
+    let kept = (kept_socket, kept_exe);
+    match runtime.block_on(start(args, rules, plan, plan_error, binary, kept)) {
         Ok(daemon::Exit::Stopped) => ExitCode::SUCCESS,
         Ok(daemon::Exit::HandedOver) => ExitCode::from(EXIT_HANDOVER),
         Err(e) => {
@@ -210,7 +218,7 @@ async fn start(
     plan: tunnel::Plan,
     plan_error: Option<String>,
     binary: PathBuf,
-    kept_socket: Option<std::net::UdpSocket>,
+    (kept_socket, kept_exe): (Option<std::net::UdpSocket>, Option<(u32, std::fs::File)>),
 ) -> Result<daemon::Exit> {
     make_dir(&args.runtime_dir, 0o755)?;
     make_dir(&args.state_dir, 0o755)?;
@@ -261,6 +269,8 @@ async fn start(
         resolv_conf: args.resolv_conf.clone(),
         state_dir: args.state_dir.clone(),
         kept_socket,
+        kept_exe,
+        tunnel_user: args.tunnel_user.clone(),
     })
     .await;
     let _ = std::fs::remove_file(&socket);

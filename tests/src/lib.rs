@@ -24,6 +24,7 @@ use anyhow::{bail, Context, Result};
 pub mod container;
 pub mod leaks;
 pub mod numbered;
+pub mod probe;
 pub mod stream;
 pub mod vaned;
 

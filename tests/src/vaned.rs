@@ -208,6 +208,7 @@ impl Lab {
 
     /// Starts vaned with `--tunnel-binary BINARY`.
     pub fn start_vaned_bin(&self, binary: &Path, extra: &[&str]) -> Result<Vaned> {
+        ensure_tunnel_user()?;
         let run = self.dir.path().join("run");
         let state = self.dir.path().join("state");
         let mut args: Vec<String> = vec![
@@ -347,4 +348,64 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
+}
+
+/// The user vaned runs the tunnel as by default.
+pub const TUNNEL_USER: &str = "vane-tunnel";
+
+/// Creates the tunnel's system user as the package does, when this
+/// machine has none (scripts/test creates it too).
+pub fn ensure_tunnel_user() -> Result<()> {
+    static ONCE: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut done = ONCE.lock().unwrap_or_else(|e| e.into_inner());
+    if *done {
+        return Ok(());
+    }
+    let exists = || {
+        Command::new("getent")
+            .args(["passwd", TUNNEL_USER])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !exists() {
+        let o = Command::new("useradd")
+            .args([
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                TUNNEL_USER,
+            ])
+            .output()
+            .context("useradd")?;
+        if !o.status.success() && !exists() {
+            bail!(
+                "cannot create user {TUNNEL_USER}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+    *done = true;
+    Ok(())
+}
+
+/// The uid and gid of the tunnel's user.
+pub fn tunnel_user_ids() -> Result<(u32, u32)> {
+    ensure_tunnel_user()?;
+    let o = Command::new("getent")
+        .args(["passwd", TUNNEL_USER])
+        .output()
+        .context("getent")?;
+    let line = String::from_utf8_lossy(&o.stdout);
+    let f: Vec<&str> = line.trim().split(':').collect();
+    match (
+        f.get(2).and_then(|u| u.parse().ok()),
+        f.get(3).and_then(|g| g.parse().ok()),
+    ) {
+        (Some(u), Some(g)) => Ok((u, g)),
+        _ => bail!("getent passwd {TUNNEL_USER}: {line:?}"),
+    }
 }

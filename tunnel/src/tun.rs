@@ -50,6 +50,21 @@ pub fn create_persistent(name: &str, mtu: u16, owner: u32) -> io::Result<()> {
     set_owner(&device, owner)
 }
 
+/// Gives the existing persistent device `name` to `owner` (TUNSETOWNER on
+/// a descriptor attached to it). Needs CAP_NET_ADMIN, and no process
+/// attached to it (a single-queue device takes one at a time).
+pub fn set_persistent_owner(name: &str, owner: u32) -> io::Result<()> {
+    let device = builder(name).inherit_enable_state().build_sync()?;
+    set_owner(&device, owner)
+}
+
+/// The uid that owns the TUN device `name` (sysfs `owner`), `None` when it
+/// has none (-1), is not a TUN device or does not exist.
+pub fn owner(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/owner")).ok()?;
+    text.trim().parse::<u32>().ok()
+}
+
 /// TUNSETOWNER by hand: the kernel takes the uid as the ioctl's argument
 /// itself, and tun-rs 2.8's `user()` passes a pointer to it instead (the
 /// owner becomes an address, and nobody can attach).

@@ -33,14 +33,18 @@ pub struct Adoptable {
     pub pidfd: OwnedFd,
     /// A copy of its UDP socket (`None`: the copy was refused).
     pub socket: Option<UdpSocket>,
+    /// The executable it runs, held open (`None`: neither kept by systemd
+    /// nor readable through /proc).
+    pub exe: Option<std::fs::File>,
     /// Its configuration as read back with `get`.
     pub config: DeviceConfig,
 }
 
 /// Checks that `argv` is the command line vaned gives a tunnel for
 /// `ifname`: `vane-tunnel --foreground IFNAME --attach --udp-fd 3
-/// --ready-fd 4`, or without `--ready-fd 4` as earlier vaneds gave it (the
-/// upgrade from one of those adopts its tunnel too).
+/// --ready-fd 4 --uapi-fd 5`, or without `--uapi-fd 5` or `--ready-fd 4`
+/// as earlier vaneds gave it (the upgrade from one of those adopts its
+/// tunnel too).
 pub fn check_cmdline(argv: &[String], ifname: &str) -> Result<(), String> {
     let Some((exe, args)) = argv.split_first() else {
         return Err("an empty command line".into());
@@ -60,8 +64,10 @@ pub fn check_cmdline(argv: &[String], ifname: &str) -> Result<(), String> {
         "3",
         "--ready-fd",
         "4",
+        "--uapi-fd",
+        "5",
     ];
-    if args != want && args != &want[..5] {
+    if args != want && args != &want[..7] && args != &want[..5] {
         return Err(format!(
             "its arguments {args:?} are not those vaned gives ({want:?})"
         ));
@@ -185,7 +191,15 @@ pub fn socket_peer(ifname: &str) -> io::Result<Option<u32>> {
 /// `kept`: the tunnel's UDP socket as systemd kept it (see
 /// [`super::fdstore`]); taken when it is the tunnel's (same port), so the
 /// socket need not be copied out of the process.
-pub async fn find(ifname: &str, kept: &mut Option<UdpSocket>) -> anyhow::Result<Option<Adoptable>> {
+/// `kept_exe`: the executable systemd kept, with the pid of the tunnel it
+/// is of. `uid`: the tunnel's user; a process of another uid is not
+/// adopted (it is replaced by one of this uid).
+pub async fn find(
+    ifname: &str,
+    kept: &mut Option<UdpSocket>,
+    kept_exe: &mut Option<(u32, std::fs::File)>,
+    uid: Option<u32>,
+) -> anyhow::Result<Option<Adoptable>> {
     use anyhow::{bail, Context as _};
     let Some(pid) = socket_peer(ifname).context("its userspace API socket")? else {
         return Ok(None);
@@ -198,6 +212,15 @@ pub async fn find(ifname: &str, kept: &mut Option<UdpSocket>) -> anyhow::Result<
         .with_context(|| format!("/proc/{pid}/cmdline"))?;
     check_cmdline(&split_cmdline(&raw), ifname)
         .map_err(|e| anyhow::anyhow!("process {pid}: {e}"))?;
+    if let Some(uid) = uid {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("/proc/{pid}/status"))?;
+        let runs_as = status_uid(&status)
+            .ok_or_else(|| anyhow::anyhow!("process {pid}: no Uid in its status"))?;
+        if runs_as != uid {
+            bail!("process {pid} runs as uid {runs_as}, not the tunnel's user (uid {uid})");
+        }
+    }
     // The pidfd pins the process: if the socket still belongs to that pid,
     // the process we checked is the one serving it.
     if socket_peer(ifname)? != Some(pid) {
@@ -216,12 +239,34 @@ pub async fn find(ifname: &str, kept: &mut Option<UdpSocket>) -> anyhow::Result<
     } else {
         copy_socket(&pidfd, pid, config.listen_port)?
     };
+    let exe = match kept_exe.take() {
+        Some((kept_pid, file)) if kept_pid == pid => Some(file),
+        other => {
+            *kept_exe = other;
+            super::process::open_exe(pid)
+        }
+    };
     Ok(Some(Adoptable {
         pid,
         pidfd,
         socket,
+        exe,
         config,
     }))
+}
+
+/// The real, effective, saved and file-system uids of /proc/PID/status,
+/// when all are one.
+pub fn status_uid(status: &str) -> Option<u32> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let ids: Vec<u32> = line
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    match ids.as_slice() {
+        [first, rest @ ..] if rest.iter().all(|i| i == first) => Some(*first),
+        _ => None,
+    }
 }
 
 /// Copies the tunnel's UDP socket out of it (`pidfd_getfd`, which needs
@@ -279,6 +324,17 @@ mod tests {
         let mut ready = good.clone();
         ready.extend(args(&["--ready-fd", "4"]));
         assert_eq!(check_cmdline(&ready, "wg0"), Ok(()));
+        let mut uapi = ready.clone();
+        uapi.extend(args(&["--uapi-fd", "5"]));
+        assert_eq!(check_cmdline(&uapi, "wg0"), Ok(()));
+        uapi[9] = "6".into();
+        assert!(check_cmdline(&uapi, "wg0").is_err());
+        assert_eq!(
+            status_uid("Name:\tx\nUid:\t999\t999\t999\t999\nGid:\t0\n"),
+            Some(999)
+        );
+        assert_eq!(status_uid("Uid:\t0\t999\t0\t0\n"), None);
+        assert_eq!(status_uid("Gid:\t0\n"), None);
         ready[7] = "5".into();
         assert!(check_cmdline(&ready, "wg0").is_err());
         assert!(check_cmdline(&[], "wg0").is_err());

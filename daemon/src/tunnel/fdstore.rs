@@ -62,6 +62,46 @@ pub fn udp_for(passed: &mut Vec<(String, OwnedFd)>, ifname: &str) -> Option<UdpS
     }
 }
 
+/// The tunnel's executable as the vaned that started it kept it
+/// (`exe-IFNAME-PID`), with the tunnel's pid: the file the process runs,
+/// which a vaned without ptrace access to a tunnel of another uid cannot
+/// open through /proc (an upgrade is noticed by comparing it with the file
+/// on disk, and it is the one to fall back to).
+pub fn exe_for(passed: &mut Vec<(String, OwnedFd)>, ifname: &str) -> Option<(u32, std::fs::File)> {
+    let prefix = format!("exe-{ifname}-");
+    let i = passed.iter().position(|(n, _)| n.starts_with(&prefix))?;
+    let (n, fd) = passed.swap_remove(i);
+    let pid = n[prefix.len()..].parse::<u32>().ok();
+    let regular =
+        nix::sys::stat::fstat(&fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
+    match pid {
+        Some(pid) if regular => Some((pid, std::fs::File::from(fd))),
+        _ => {
+            tracing::warn!(
+                "the descriptor systemd kept as {n} is not a tunnel's executable; closed"
+            );
+            remove(&n);
+            None
+        }
+    }
+}
+
+/// Keeps the executable of the tunnel process `pid` in the store.
+pub fn store_exe(ifname: &str, pid: u32, exe: &std::fs::File) {
+    let n = format!("exe-{ifname}-{pid}");
+    if let Err(e) = sd_notify::notify_with_fds(
+        &[NotifyState::FdStore, NotifyState::FdName(&n)],
+        &[exe.as_fd()],
+    ) {
+        debug!("cannot keep the tunnel's executable in systemd's store: {e}");
+    }
+}
+
+/// Takes the executable of the tunnel process `pid` out of the store.
+pub fn forget_exe(ifname: &str, pid: u32) {
+    remove(&format!("exe-{ifname}-{pid}"));
+}
+
 /// Takes what no tunnel of this vaned uses out of the store and closes it
 /// (a socket kept for an interface the rules no longer name would keep
 /// its port bound).
@@ -121,6 +161,28 @@ mod tests {
         // A stream socket under the name is refused (and closed).
         let mut passed = vec![("udp-vane0".to_owned(), OwnedFd::from(tcp))];
         assert!(udp_for(&mut passed, "vane0").is_none());
+        assert!(passed.is_empty());
+    }
+
+    #[test]
+    fn the_executable_comes_back_with_its_pid_and_nothing_else_passes_for_it() {
+        let exe = std::fs::File::open(std::env::current_exe().unwrap()).unwrap();
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut passed: Vec<(String, OwnedFd)> = vec![
+            ("exe-vane0-4242".into(), OwnedFd::from(exe)),
+            ("udp-vane0".into(), OwnedFd::from(udp)),
+        ];
+        let (pid, _) = exe_for(&mut passed, "vane0").unwrap();
+        assert_eq!(pid, 4242);
+        assert_eq!(passed.len(), 1);
+        assert!(exe_for(&mut passed, "vane0").is_none());
+        // A socket under the name, or a name without a pid: closed.
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut passed = vec![("exe-vane0-1".to_owned(), OwnedFd::from(udp))];
+        assert!(exe_for(&mut passed, "vane0").is_none());
+        let exe = std::fs::File::open(std::env::current_exe().unwrap()).unwrap();
+        let mut passed = vec![("exe-vane0-x".to_owned(), OwnedFd::from(exe))];
+        assert!(exe_for(&mut passed, "vane0").is_none());
         assert!(passed.is_empty());
     }
 }

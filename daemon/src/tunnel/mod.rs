@@ -40,14 +40,14 @@ use crate::net::rtnl;
 pub mod adopt;
 pub mod fdstore;
 pub mod plan;
-mod process;
+pub mod process;
 pub mod recover;
 pub mod supervisor;
 pub mod uapi_client;
 
 use process::{
-    file_id, file_id_of, open_exe, preflight, spawn, wait_ready, watch_child, watch_pidfd, LIVE,
-    STARTING,
+    file_id, file_id_of, preflight, resolve_user, spawn, wait_ready, watch_child, watch_pidfd,
+    LIVE, STARTING,
 };
 use recover::remove_stale_rules;
 use supervisor::Action;
@@ -106,6 +106,10 @@ pub enum Report {
     },
 }
 
+/// The tunnel process's user unless vaned is told another
+/// (`--tunnel-user`); the package creates it.
+pub const DEFAULT_TUNNEL_USER: &str = "vane-tunnel";
+
 /// A running tunnel process, watched by a task that reports its exit.
 struct Running {
     pid: u32,
@@ -152,6 +156,8 @@ pub struct Worker {
     /// previous one could, and why: later starts go to the previous one
     /// while it is still the file there.
     bad_binary: Option<((u64, u64), String)>,
+    /// The user the tunnel process runs as (vaned's `--tunnel-user`).
+    user: String,
 }
 
 /// What the worker needs to apply the tunnel's DNS.
@@ -199,7 +205,13 @@ impl Worker {
             dns: None,
             reasserts: dns::Reasserts::default(),
             bad_binary: None,
+            user: DEFAULT_TUNNEL_USER.to_owned(),
         }
+    }
+
+    /// The user the tunnel process runs as from its next start.
+    pub fn set_user(&mut self, user: String) {
+        self.user = user;
     }
 
     /// Enables the tunnel DNS (`DNS =` of the tunnel config).
@@ -552,7 +564,10 @@ impl Worker {
         use anyhow::Context as _;
         // A process of an older generation (it failed) must be gone first.
         self.kill().await;
-        let index = self.ensure_device().context("setting up the interface")?;
+        let creds = resolve_user(&self.user).map_err(anyhow::Error::msg)?;
+        let index = self
+            .ensure_device(creds.uid)
+            .context("setting up the interface")?;
         if self.socket.is_none() {
             let s = vane_tunnel::device::bind_udp_std(
                 self.plan.device.listen_port,
@@ -565,8 +580,24 @@ impl Worker {
             anyhow::bail!("no UDP socket");
         };
         let port = socket.local_addr()?.port();
-        let (child, ready) = spawn(&self.plan, socket, exe).context("cannot start vane-tunnel")?;
+        // Bound here, as root, where wg(8) looks (mode 0600: only root may
+        // use it); the tunnel listens on it, and cannot create or remove
+        // anything there itself.
+        let api = vane_tunnel::uapi_server::bind_unlistened(
+            std::path::Path::new(vane_tunnel::uapi_server::SOCKET_DIR),
+            &self.plan.ifname,
+        )
+        .context("the userspace API socket")?;
+        let exe = match exe {
+            Some(f) => f.try_clone(),
+            None => std::fs::File::open(&self.plan.binary),
+        }
+        .with_context(|| format!("cannot open {}", self.plan.binary.display()))?;
+        let (child, ready) =
+            spawn(&self.plan, socket, &api, &exe, creds).context("cannot start vane-tunnel")?;
+        drop(api);
         let pid = child.id().unwrap_or(0);
+        fdstore::store_exe(&self.plan.ifname, pid, &exe);
         info!(interface = %self.plan.ifname, pid, generation, ifindex = index, "tunnel process started");
         let (expect_tx, expect_rx) = oneshot::channel();
         let (exited_tx, exited_rx) = watch::channel(false);
@@ -585,7 +616,7 @@ impl Worker {
             expect_exit: Some(expect_tx),
             exited: exited_rx,
             pidfd: None,
-            exe: open_exe(pid),
+            exe: Some(exe),
         });
         let path = uapi_client::socket_path(&self.plan.ifname);
         let mut config = self.plan.device.clone();
@@ -635,19 +666,29 @@ impl Worker {
     /// the plan's addresses (idempotent: a device left by an earlier vaned
     /// is reused). A new device stays down, so nothing is routed into it
     /// before a tunnel process reads it: see [`route_into`](Self::route_into).
-    fn ensure_device(&self) -> io::Result<u32> {
+    fn ensure_device(&self, owner: u32) -> io::Result<u32> {
         let plan = &self.plan;
         let index = match rtnl::link_index(&plan.ifname) {
-            Some(i) => i,
+            Some(i) => {
+                // Left by an earlier run, perhaps for a tunnel of another
+                // uid (an upgrade from a vaned that ran it as root): given
+                // to this one (nobody is attached: the old process is gone).
+                if vane_tunnel::tun::owner(&plan.ifname) != Some(owner) {
+                    vane_tunnel::tun::set_persistent_owner(&plan.ifname, owner).map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!("giving {} to uid {owner}: {e}", plan.ifname),
+                        )
+                    })?;
+                }
+                i
+            }
             None => {
-                // Owned by our uid: the tunnel runs as it, without
+                // Owned by the tunnel's uid: the tunnel runs as it, without
                 // capabilities, and attaches by name.
-                vane_tunnel::tun::create_persistent(
-                    &plan.ifname,
-                    plan.mtu,
-                    nix::unistd::geteuid().as_raw(),
-                )
-                .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", plan.ifname)))?;
+                vane_tunnel::tun::create_persistent(&plan.ifname, plan.mtu, owner).map_err(
+                    |e| io::Error::new(e.kind(), format!("creating {}: {e}", plan.ifname)),
+                )?;
                 rtnl::link_index(&plan.ifname)
                     .ok_or_else(|| io::Error::other("the device vanished after creation"))?
             }
@@ -725,6 +766,15 @@ impl Worker {
             signal(nix::sys::signal::Signal::SIGKILL);
             let _ = tokio::time::timeout(STOP_TIMEOUT, running.exited.wait_for(|e| *e)).await;
         }
+        fdstore::forget_exe(&self.plan.ifname, running.pid);
+        // Its userspace API socket (vaned bound it; the tunnel cannot
+        // remove it): wg(8) finds no interface rather than a dead one.
+        if let Err(e) = vane_tunnel::uapi_server::remove_stale(
+            std::path::Path::new(vane_tunnel::uapi_server::SOCKET_DIR),
+            &self.plan.ifname,
+        ) {
+            debug!(interface = %self.plan.ifname, "the userspace API socket stays: {e}");
+        }
     }
 
     /// Takes over a tunnel process left by an earlier vaned (see
@@ -744,6 +794,7 @@ impl Worker {
             pid,
             pidfd,
             socket,
+            exe,
             config: live,
         } = found;
         let pidfd = std::sync::Arc::new(pidfd);
@@ -761,7 +812,7 @@ impl Worker {
             expect_exit: Some(expect_tx),
             exited: exited_rx,
             pidfd: Some(pidfd),
-            exe: open_exe(pid),
+            exe,
         });
         if socket.is_some() {
             self.set_socket(socket);
@@ -843,7 +894,10 @@ impl Worker {
         } else if let Some((_, why)) = self.bad_binary.as_ref().filter(|(bad, _)| *bad == id) {
             Err(why.clone())
         } else {
-            preflight(&self.plan.binary).await.map(|()| true)
+            match resolve_user(&self.user) {
+                Ok(creds) => preflight(&self.plan.binary, creds).await.map(|()| true),
+                Err(e) => Err(e),
+            }
         };
         let _ = self.reports.send(Report::BinaryChecked { pid, new });
     }

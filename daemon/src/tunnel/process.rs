@@ -28,6 +28,34 @@ pub(super) const UDP_FD: i32 = 3;
 /// The descriptor number of the readiness pipe's write end in the tunnel
 /// process (`--ready-fd`).
 pub(super) const READY_FD: i32 = 4;
+/// The descriptor number of its userspace API socket, bound by vaned and
+/// not yet listening (`--uapi-fd`).
+pub(super) const UAPI_FD: i32 = 5;
+
+/// Who the tunnel process runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Looks up the tunnel's user (vaned's `--tunnel-user`): its uid and
+/// primary group. `root` is allowed (the tunnel then keeps uid 0, still
+/// without any capability, and owns root's files: not recommended).
+pub fn resolve_user(name: &str) -> Result<Creds, String> {
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(u)) => Ok(Creds {
+            uid: u.uid.as_raw(),
+            gid: u.gid.as_raw(),
+        }),
+        Ok(None) => Err(format!(
+            "the tunnel's user {name:?} does not exist: create it (the package does: \
+             adduser --system --group --no-create-home --home /nonexistent {name}) or \
+             name another with vaned --tunnel-user"
+        )),
+        Err(e) => Err(format!("cannot look up the tunnel's user {name:?}: {e}")),
+    }
+}
 /// How long a tunnel process gets to come up and answer.
 pub(super) const START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -55,14 +83,16 @@ pub(super) fn open_exe(pid: u32) -> Option<std::fs::File> {
 }
 
 /// Starts `vane-tunnel --foreground IFNAME --attach --udp-fd 3
-/// --ready-fd 4` with the socket as descriptor 3, the write end of a
-/// readiness pipe as 4, and no capabilities: the bounding set emptied,
-/// SECBIT_NOROOT so uid 0 gains none at exec, and no_new_privs. Returns the
-/// child and the pipe's read end.
+/// --ready-fd 4 --uapi-fd 5` from the open executable `exe`, with the UDP
+/// socket as descriptor 3, the write end of a readiness pipe as 4, the
+/// bound userspace API socket as 5, under `creds` and with no capability
+/// (see [`drop_privileges`]). Returns the child and the pipe's read end.
 pub(super) fn spawn(
     plan: &Plan,
     socket: &UdpSocket,
-    exe: Option<&std::fs::File>,
+    api: &OwnedFd,
+    exe: &std::fs::File,
+    creds: Creds,
 ) -> io::Result<(Child, OwnedFd)> {
     // Copies numbered above the targets, so that neither dup2 below can
     // overwrite the other's source (close-on-exec: only the dup2 copies
@@ -71,26 +101,22 @@ pub(super) fn spawn(
         let raw = nix::fcntl::fcntl(
             // SAFETY: borrowed for the call only; the owner outlives it.
             unsafe { std::os::fd::BorrowedFd::borrow_raw(fd.as_raw_fd()) },
-            nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(READY_FD + 1),
+            nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(UAPI_FD + 1),
         )?;
         // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor we own.
         Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) })
     };
     let udp = above(socket)?;
+    let api = above(api)?;
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let ready = above(&write_end)?;
     drop(write_end);
-    let mut cmd = match exe {
-        // The kernel opens the path at exec, before close-on-exec
-        // descriptors close; argv[0] stays the binary's path, as adoption
-        // checks it.
-        Some(f) => {
-            let mut c = Command::new(format!("/proc/self/fd/{}", f.as_raw_fd()));
-            c.arg0(&plan.binary);
-            c
-        }
-        None => Command::new(&plan.binary),
-    };
+    // The very file vaned holds (no race with an upgrade renaming another
+    // over the path): the kernel opens the path at exec, before
+    // close-on-exec descriptors close; argv[0] stays the binary's path, as
+    // adoption checks it.
+    let mut cmd = Command::new(format!("/proc/self/fd/{}", exe.as_raw_fd()));
+    cmd.arg0(&plan.binary);
     cmd.arg("--foreground")
         .arg(&plan.ifname)
         .arg("--attach")
@@ -98,41 +124,53 @@ pub(super) fn spawn(
         .arg(UDP_FD.to_string())
         .arg("--ready-fd")
         .arg(READY_FD.to_string())
+        .arg("--uapi-fd")
+        .arg(UAPI_FD.to_string())
         .stdin(Stdio::null())
         .kill_on_drop(false);
-    let (udp_raw, ready_raw) = (udp.as_raw_fd(), ready.as_raw_fd());
+    let (udp_raw, ready_raw, api_raw) = (udp.as_raw_fd(), ready.as_raw_fd(), api.as_raw_fd());
     // SAFETY: the closure runs in the child between fork and exec and only
-    // makes async-signal-safe system calls (dup2, prctl).
+    // makes async-signal-safe system calls (dup2, prctl, set*id).
     unsafe {
         cmd.pre_exec(move || {
             // dup2's copies are not close-on-exec.
-            if libc::dup2(udp_raw, UDP_FD) < 0 || libc::dup2(ready_raw, READY_FD) < 0 {
+            if libc::dup2(udp_raw, UDP_FD) < 0
+                || libc::dup2(ready_raw, READY_FD) < 0
+                || libc::dup2(api_raw, UAPI_FD) < 0
+            {
                 return Err(io::Error::last_os_error());
             }
-            drop_privileges()
+            drop_privileges(creds)
         });
     }
     let child = cmd.spawn()?;
     // Only the child holds the write end now: the pipe ends when it
     // reports or exits.
-    drop((udp, ready));
+    drop((udp, ready, api));
     Ok((child, read_end))
 }
 
-/// Runs `BINARY --version` as a tunnel process would run (no privileges,
-/// 5 s at most): a binary that cannot even do that (truncated, another
-/// architecture, missing libraries, not vane-tunnel) is not one to move a
-/// working tunnel to.
-pub(super) async fn preflight(binary: &std::path::Path) -> Result<(), String> {
-    let mut cmd = Command::new(binary);
+/// Runs `BINARY --version` as a tunnel process would run (its user, no
+/// privileges, 5 s at most): a binary that cannot even do that (truncated,
+/// another architecture, missing libraries, not vane-tunnel, not
+/// executable by the tunnel's user) is not one to move a working tunnel
+/// to.
+pub(super) async fn preflight(binary: &std::path::Path, creds: Creds) -> Result<(), String> {
+    // Through the open file, as `spawn` starts it (the tunnel's user need
+    // not be able to reach the path, only to execute the file).
+    let exe = std::fs::File::open(binary)
+        .map_err(|e| format!("cannot open {}: {e}", binary.display()))?;
+    let mut cmd = Command::new(format!("/proc/self/fd/{}", exe.as_raw_fd()));
+    cmd.arg0(binary);
     cmd.arg("--version")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    // SAFETY: as in `spawn`: only prctl calls between fork and exec.
+    // SAFETY: as in `spawn`: only prctl and set*id calls between fork and
+    // exec.
     unsafe {
-        cmd.pre_exec(drop_privileges);
+        cmd.pre_exec(move || drop_privileges(creds));
     }
     let output = match tokio::time::timeout(Duration::from_secs(5), cmd.output()).await {
         Err(_) => {
@@ -189,13 +227,28 @@ pub(super) async fn wait_ready(read_end: OwnedFd) -> anyhow::Result<()> {
     }
 }
 
-/// In the child before exec: no capability can survive the exec.
-pub(super) fn drop_privileges() -> io::Result<()> {
+/// In the child before exec: no capability can survive the exec, and the
+/// process takes the tunnel's user. The capability bounding set is emptied
+/// (while CAP_SETPCAP is still effective), the secure bits locked so that
+/// neither uid 0 nor a set*id call gains any back, the supplementary
+/// groups dropped, the group and user set (all of real, effective and
+/// saved: no way back), and no_new_privs set. With uid 0 (`--tunnel-user
+/// root`) SECBIT_NOROOT alone keeps uid 0 from getting capabilities at
+/// exec.
+pub(super) fn drop_privileges(creds: Creds) -> io::Result<()> {
     const SECBIT_NOROOT: libc::c_ulong = 1 << 0;
     const SECBIT_NOROOT_LOCKED: libc::c_ulong = 1 << 1;
     const SECBIT_NO_SETUID_FIXUP: libc::c_ulong = 1 << 2;
     const SECBIT_NO_SETUID_FIXUP_LOCKED: libc::c_ulong = 1 << 3;
-    // SAFETY: plain prctl calls with integer arguments.
+    let check = |rc: libc::c_int| {
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // SAFETY: plain system calls with integer arguments (setgroups with an
+    // empty list).
     unsafe {
         for cap in 0..64 {
             // EINVAL past the last capability the kernel knows: done.
@@ -206,22 +259,31 @@ pub(super) fn drop_privileges() -> io::Result<()> {
                 return Err(io::Error::last_os_error());
             }
         }
-        if libc::prctl(
-            libc::PR_SET_SECUREBITS,
+        // Another uid: the kernel's fix-up on setuid clears the permitted
+        // and effective sets (kept on and locked). uid 0: no fix-up to
+        // rely on, so it is locked off and NOROOT does the work.
+        let bits = if creds.uid == 0 {
             SECBIT_NOROOT
                 | SECBIT_NOROOT_LOCKED
                 | SECBIT_NO_SETUID_FIXUP
-                | SECBIT_NO_SETUID_FIXUP_LOCKED,
+                | SECBIT_NO_SETUID_FIXUP_LOCKED
+        } else {
+            SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP_LOCKED
+        };
+        check(libc::prctl(libc::PR_SET_SECUREBITS, bits, 0, 0, 0))?;
+        check(libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
             0,
             0,
             0,
-        ) < 0
-        {
-            return Err(io::Error::last_os_error());
+        ))?;
+        if creds.uid != 0 {
+            check(libc::setgroups(0, std::ptr::null()))?;
+            check(libc::setresgid(creds.gid, creds.gid, creds.gid))?;
+            check(libc::setresuid(creds.uid, creds.uid, creds.uid))?;
         }
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
     }
     Ok(())
 }
