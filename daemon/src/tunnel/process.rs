@@ -354,3 +354,47 @@ pub(super) async fn watch_pidfd(
     warn!(generation, "{error}");
     let _ = reports.send(Report::Failed { generation, error });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    /// The tunnel binary of this build, next to the test's deps directory.
+    fn tunnel_binary() -> std::path::PathBuf {
+        let exe = std::env::current_exe().unwrap();
+        exe.parent().unwrap().parent().unwrap().join("vane-tunnel")
+    }
+
+    #[tokio::test]
+    async fn preflight_runs_the_file_as_the_tunnels_user_wherever_it_lies() {
+        let binary = tunnel_binary();
+        if !binary.exists() || !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root and {}", binary.display());
+            return;
+        }
+        // In a directory only root may enter (as the tests' copies are):
+        // the file is run through the descriptor vaned holds.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let copy = dir.path().join("vane-tunnel");
+        std::fs::copy(&binary, &copy).unwrap();
+        let nobody = Creds {
+            uid: 65534,
+            gid: 65534,
+        };
+        preflight(&copy, nobody).await.unwrap();
+        preflight(&copy, Creds { uid: 999, gid: 999 })
+            .await
+            .unwrap();
+        let renamed = dir.path().join("vane-tunnel.new");
+        std::fs::copy(&binary, &renamed).unwrap();
+        std::fs::rename(&renamed, &copy).unwrap();
+        preflight(&copy, nobody).await.unwrap();
+        preflight(&copy, Creds { uid: 0, gid: 0 }).await.unwrap();
+        // Not executable: refused, and said so.
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = preflight(&copy, nobody).await.unwrap_err();
+        assert!(err.contains("cannot run"), "{err}");
+    }
+}
