@@ -106,6 +106,10 @@ impl Container {
             .arg(self.root())
             .args(["-b", "--register=no", "--keep-unit", "--console=passive"])
             .args(["--capability=CAP_NET_ADMIN", "--machine", &self.name])
+            // nspawn's own system call filter (systemd 252) leaves out
+            // Landlock, which vane-tunnel confines itself with; a machine
+            // that boots vaned.service has no such filter.
+            .arg("--system-call-filter=landlock_create_ruleset landlock_add_rule landlock_restrict_self")
             // With the joined namespace, --private-network makes nspawn
             // mount a sysfs of that namespace (without it /sys shows the
             // host's interfaces, and vaned reads the types and the TUN

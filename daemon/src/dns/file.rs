@@ -243,7 +243,26 @@ pub(super) fn remove_if_there(path: &Path) -> Result<(), DnsError> {
 /// through it), and the directory synced.
 pub(super) fn put_atomic(path: &Path, s: &Saved) -> Result<(), DnsError> {
     let tmp = tmp_path(path);
-    remove_if_there(&tmp)?;
+    if let Err(e) = std::fs::remove_file(&tmp) {
+        match (e.raw_os_error(), s) {
+            (Some(libc::ENOENT), _) => {}
+            // The directory is read-only to vaned (see below).
+            (
+                Some(libc::EROFS),
+                Saved::File {
+                    content,
+                    mode,
+                    uid,
+                    gid,
+                },
+            ) if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file()) => {
+                debug!(path = %path.display(), "its directory is read-only to vaned: rewritten in place");
+                return put_in_place(path, content, *mode, *uid, *gid)
+                    .map_err(io_err("rewriting in place", path));
+            }
+            _ => return Err(io_err("removing", &tmp)(e)),
+        }
+    }
     match s {
         Saved::Absent => remove_if_there(path)?,
         Saved::Symlink(target) => {
@@ -256,6 +275,16 @@ pub(super) fn put_atomic(path: &Path, s: &Saved) -> Result<(), DnsError> {
             uid,
             gid,
         } => {
+            // vaned.service gives vaned /etc/resolv.conf itself, not /etc
+            // (ReadWritePaths=): no temporary file can be made beside it
+            // (EROFS), and a rename over the bind-mounted file fails
+            // (EBUSY). Then the file is rewritten in place.
+            let in_place = |e: &io::Error| {
+                matches!(
+                    e.raw_os_error(),
+                    Some(libc::EROFS | libc::EBUSY | libc::EACCES)
+                ) && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
+            };
             let write = || -> io::Result<()> {
                 let mut f = std::fs::OpenOptions::new()
                     .write(true)
@@ -269,12 +298,60 @@ pub(super) fn put_atomic(path: &Path, s: &Saved) -> Result<(), DnsError> {
             };
             if let Err(e) = write() {
                 let _ = std::fs::remove_file(&tmp);
+                if in_place(&e) {
+                    debug!(path = %path.display(), "its directory is read-only to vaned: rewritten in place");
+                    return put_in_place(path, content, *mode, *uid, *gid)
+                        .map_err(io_err("rewriting in place", path));
+                }
                 return Err(io_err("writing", &tmp)(e));
             }
-            std::fs::rename(&tmp, path).map_err(io_err("renaming onto", path))?;
+            if let Err(e) = std::fs::rename(&tmp, path) {
+                let _ = std::fs::remove_file(&tmp);
+                if in_place(&e) {
+                    return put_in_place(path, content, *mode, *uid, *gid)
+                        .map_err(io_err("rewriting in place", path));
+                }
+                return Err(io_err("renaming onto", path)(e));
+            }
         }
     }
     fsync_dir(parent(path))
+}
+
+/// Rewrites the regular file `path` in place with `content` (the same
+/// inode: what a unit that lets vaned write /etc/resolv.conf but not /etc
+/// allows). Not atomic for a reader, so ordered for a crash: the file is
+/// vaned's (starts with [`MARKER`]) until one last write makes it the new
+/// content. Writing ours: ours at the start first (from then on it is
+/// ours, which `repair` restores), then the length. Restoring: all but the
+/// first `MARKER.len()` bytes and the length first (still ours), then the
+/// first bytes, in one write. (An original shorter than the marker is
+/// written whole, then cut: a crash between those leaves its text with a
+/// tail of ours.) Then owner, mode, fsync.
+pub(super) fn put_in_place(
+    path: &Path,
+    content: &[u8],
+    mode: u32,
+    uid: u32,
+    gid: u32,
+) -> io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let k = MARKER.len();
+    if content.starts_with(MARKER.as_bytes()) || content.len() <= k {
+        f.write_all_at(content, 0)?;
+        f.set_len(content.len() as u64)?;
+    } else {
+        f.write_all_at(&content[k..], k as u64)?;
+        f.set_len(content.len() as u64)?;
+        f.write_all_at(&content[..k], 0)?;
+    }
+    std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.sync_all()
 }
 
 /// The file-backend's paths.
@@ -800,5 +877,37 @@ mod tests {
         m.apply("wg0", 7, &dns(&[], &[], true)).await.unwrap();
         assert_eq!(std::fs::read(&lab.resolv).unwrap(), ORIGINAL);
         lab.assert_clean();
+    }
+
+    #[test]
+    fn rewritten_in_place_the_file_keeps_its_inode_and_comes_back_whole() {
+        let lab = lab();
+        let original = b"nameserver 192.0.2.53\nsearch example.net\n".to_vec();
+        std::fs::write(&lab.resolv, &original).unwrap();
+        let ino = std::fs::metadata(&lab.resolv).unwrap().ino();
+        let ours = render_resolv_conf("vt0", Path::new("/b"), &dns(&["10.9.0.1"], &[], true));
+        let me = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        put_in_place(&lab.resolv, ours.as_bytes(), 0o644, me.0, me.1).unwrap();
+        assert_eq!(std::fs::read_to_string(&lab.resolv).unwrap(), ours);
+        assert!(resolv_conf_is_ours(&lab.resolv).unwrap());
+        // Back to a longer and to a shorter original.
+        for text in [
+            original.repeat(3),
+            original.clone(),
+            b"nameserver 1.1.1.1\n".to_vec(),
+        ] {
+            put_in_place(&lab.resolv, ours.as_bytes(), 0o644, me.0, me.1).unwrap();
+            put_in_place(&lab.resolv, &text, 0o640, me.0, me.1).unwrap();
+            assert_eq!(std::fs::read(&lab.resolv).unwrap(), text);
+            let meta = std::fs::metadata(&lab.resolv).unwrap();
+            assert_eq!((meta.ino(), meta.mode() & 0o7777), (ino, 0o640));
+        }
+        // A symlink is not written through.
+        let link = lab.etc.join("link");
+        std::os::unix::fs::symlink(&lab.resolv, &link).unwrap();
+        assert!(put_in_place(&link, b"x", 0o644, me.0, me.1).is_err());
     }
 }
