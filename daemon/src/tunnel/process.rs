@@ -129,6 +129,10 @@ pub(super) fn spawn(
         .stdin(Stdio::null())
         .kill_on_drop(false);
     let (udp_raw, ready_raw, api_raw) = (udp.as_raw_fd(), ready.as_raw_fd(), api.as_raw_fd());
+    // The executable stays open across the exec (read-only): an
+    // interpreter (a script installed as the binary) opens it by this
+    // path after the exec.
+    let exe_raw = exe.as_raw_fd();
     // SAFETY: the closure runs in the child between fork and exec and only
     // makes async-signal-safe system calls (dup2, prctl, set*id).
     unsafe {
@@ -137,6 +141,7 @@ pub(super) fn spawn(
             if libc::dup2(udp_raw, UDP_FD) < 0
                 || libc::dup2(ready_raw, READY_FD) < 0
                 || libc::dup2(api_raw, UAPI_FD) < 0
+                || libc::fcntl(exe_raw, libc::F_SETFD, 0) < 0
             {
                 return Err(io::Error::last_os_error());
             }
@@ -167,10 +172,18 @@ pub(super) async fn preflight(binary: &std::path::Path, creds: Creds) -> Result<
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    // SAFETY: as in `spawn`: only prctl and set*id calls between fork and
-    // exec.
+    let exe_raw = exe.as_raw_fd();
+    // SAFETY: as in `spawn`: only fcntl, prctl and set*id calls between
+    // fork and exec.
     unsafe {
-        cmd.pre_exec(move || drop_privileges(creds));
+        cmd.pre_exec(move || {
+            // Open across the exec, as in `spawn` (a script's interpreter
+            // opens it by its /proc/self/fd path).
+            if libc::fcntl(exe_raw, libc::F_SETFD, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            drop_privileges(creds)
+        });
     }
     let output = match tokio::time::timeout(Duration::from_secs(5), cmd.output()).await {
         Err(_) => {

@@ -13,7 +13,7 @@ use crate::net::{routing, rtnl};
 
 /// Whether the device an earlier run left (both processes gone) can be
 /// re-attached as it is: a TUN device with the virtio-net header, no
-/// process attached (no carrier), owned by this uid, with the plan's MTU
+/// process attached (no carrier), with the plan's MTU
 /// and exactly the plan's addresses (IPv6 link-local aside). Then its addresses and routes stay, and the next
 /// start attaches a new tunnel process to it by name; anything else is
 /// deleted and made afresh.
@@ -39,10 +39,8 @@ pub fn reusable_device(plan: &Plan) -> Result<(), String> {
     if sys("carrier").is_ok_and(|c| c == "1") {
         return Err("a process is still attached to it".into());
     }
-    let owner = sys("owner")?;
-    if owner != nix::unistd::geteuid().as_raw().to_string() {
-        return Err(format!("owned by {owner}"));
-    }
+    // Its owner need not be the tunnel's uid: the next start gives it to
+    // that uid before the tunnel attaches (Worker::ensure_device).
     let mtu = sys("mtu")?;
     if mtu != plan.mtu.to_string() {
         return Err(format!("MTU {mtu}, not {}", plan.mtu));
