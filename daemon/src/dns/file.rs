@@ -238,31 +238,44 @@ pub(super) fn remove_if_there(path: &Path) -> Result<(), DnsError> {
     }
 }
 
+/// Puts `s` at `path` atomically (see [`put_renamed`]), or, for a regular
+/// file whose directory vaned may not write, in place (see
+/// [`put_in_place`]): vaned.service gives vaned /etc/resolv.conf itself,
+/// not /etc (`ReadWritePaths=`), so no temporary file can be made beside
+/// it (EROFS) and a rename over the bind-mounted file fails (EBUSY).
+pub(super) fn put_atomic(path: &Path, s: &Saved) -> Result<(), DnsError> {
+    let err = match put_renamed(path, s) {
+        Err(DnsError::Io { source, .. })
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::EROFS | libc::EBUSY | libc::EACCES)
+            ) =>
+        {
+            source
+        }
+        other => return other,
+    };
+    match s {
+        Saved::File {
+            content,
+            mode,
+            uid,
+            gid,
+        } if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file()) => {
+            debug!(path = %path.display(), "its directory is read-only to vaned ({err}): rewritten in place");
+            put_in_place(path, content, *mode, *uid, *gid)
+                .map_err(io_err("rewriting in place", path))
+        }
+        _ => Err(io_err("replacing", path)(err)),
+    }
+}
+
 /// Puts `s` at `path` atomically: built under a temporary name beside it,
 /// synced, renamed over `path` (replacing a symlink itself, never writing
 /// through it), and the directory synced.
-pub(super) fn put_atomic(path: &Path, s: &Saved) -> Result<(), DnsError> {
+fn put_renamed(path: &Path, s: &Saved) -> Result<(), DnsError> {
     let tmp = tmp_path(path);
-    if let Err(e) = std::fs::remove_file(&tmp) {
-        match (e.raw_os_error(), s) {
-            (Some(libc::ENOENT), _) => {}
-            // The directory is read-only to vaned (see below).
-            (
-                Some(libc::EROFS),
-                Saved::File {
-                    content,
-                    mode,
-                    uid,
-                    gid,
-                },
-            ) if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file()) => {
-                debug!(path = %path.display(), "its directory is read-only to vaned: rewritten in place");
-                return put_in_place(path, content, *mode, *uid, *gid)
-                    .map_err(io_err("rewriting in place", path));
-            }
-            _ => return Err(io_err("removing", &tmp)(e)),
-        }
-    }
+    remove_if_there(&tmp)?;
     match s {
         Saved::Absent => remove_if_there(path)?,
         Saved::Symlink(target) => {
@@ -275,16 +288,6 @@ pub(super) fn put_atomic(path: &Path, s: &Saved) -> Result<(), DnsError> {
             uid,
             gid,
         } => {
-            // vaned.service gives vaned /etc/resolv.conf itself, not /etc
-            // (ReadWritePaths=): no temporary file can be made beside it
-            // (EROFS), and a rename over the bind-mounted file fails
-            // (EBUSY). Then the file is rewritten in place.
-            let in_place = |e: &io::Error| {
-                matches!(
-                    e.raw_os_error(),
-                    Some(libc::EROFS | libc::EBUSY | libc::EACCES)
-                ) && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
-            };
             let write = || -> io::Result<()> {
                 let mut f = std::fs::OpenOptions::new()
                     .write(true)
@@ -298,19 +301,10 @@ pub(super) fn put_atomic(path: &Path, s: &Saved) -> Result<(), DnsError> {
             };
             if let Err(e) = write() {
                 let _ = std::fs::remove_file(&tmp);
-                if in_place(&e) {
-                    debug!(path = %path.display(), "its directory is read-only to vaned: rewritten in place");
-                    return put_in_place(path, content, *mode, *uid, *gid)
-                        .map_err(io_err("rewriting in place", path));
-                }
                 return Err(io_err("writing", &tmp)(e));
             }
             if let Err(e) = std::fs::rename(&tmp, path) {
                 let _ = std::fs::remove_file(&tmp);
-                if in_place(&e) {
-                    return put_in_place(path, content, *mode, *uid, *gid)
-                        .map_err(io_err("rewriting in place", path));
-                }
                 return Err(io_err("renaming onto", path)(e));
             }
         }
