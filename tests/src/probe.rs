@@ -51,6 +51,15 @@ pub fn as_process(pid: u32, uid: u32, gid: u32) -> Vec<String> {
     .collect()
 }
 
+/// A field of a /proc/PID/status text, its words joined by one space
+/// (`Uid`: "999 999 999 999").
+pub fn status_field(status: &str, name: &str) -> Option<String> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
 /// The probe's lines as (what, allowed).
 pub fn parse(out: &str) -> Vec<(String, bool)> {
     out.lines()

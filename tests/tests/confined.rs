@@ -24,13 +24,7 @@ const UP: Duration = Duration::from_secs(20);
 /// A field of /proc/PID/status.
 fn field(pid: u32, name: &str) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .unwrap_or_else(|| panic!("no {name} in the status of {pid}"))
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
+    probe::status_field(&status, name).unwrap_or_else(|| panic!("no {name} in the status of {pid}"))
 }
 
 /// The TUN device's owner, as sysfs in the client's namespace says.

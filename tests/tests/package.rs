@@ -97,15 +97,7 @@ fn journal(c: &Container) -> String {
 fn confinement(c: &Container, original_resolv: &str) {
     let p = procs(c);
     let status = c.ok(&format!("cat /proc/{}/status", p.tunnel)).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}:")))
-            .unwrap_or_default()
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let field = |name: &str| vane_e2e::probe::status_field(&status, name).unwrap_or_default();
     let ids = c
         .ok("echo $(id -u vane-tunnel) $(id -g vane-tunnel)")
         .unwrap();

@@ -219,7 +219,7 @@ async fn run(args: Args, loaded: Option<Loaded>, mut ready: Option<daemon::Ready
         None => sandbox::Mode::Supervised,
     };
     match sandbox::confine(&mode) {
-        Ok(c) if c.landlock == "fully enforced" => {
+        Ok(c) if c.landlock_full => {
             debug!(landlock = %c.landlock, syscalls = c.syscalls, "confined")
         }
         // Best effort below Landlock ABI 6 (Linux 6.12), or where a

@@ -55,8 +55,10 @@ pub enum Mode {
 /// What was put in force, for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Confined {
-    /// Landlock: "fully enforced", "partially enforced (...)" or "not
-    /// available (...)".
+    /// Whether every Landlock restriction asked for is in force.
+    pub landlock_full: bool,
+    /// Landlock, for the log: "fully enforced", "partially enforced
+    /// (...)" or "not available (...)".
     pub landlock: String,
     /// The number of system calls the seccomp allow-list names.
     pub syscalls: usize,
@@ -92,9 +94,13 @@ pub fn confine(mode: &Mode) -> Result<Confined, SandboxError> {
     if threads > 1 {
         return Err(SandboxError::Threads(threads));
     }
-    let landlock = restrict_files(mode)?;
+    let (landlock_full, landlock) = restrict_files(mode)?;
     let syscalls = restrict_syscalls()?;
-    Ok(Confined { landlock, syscalls })
+    Ok(Confined {
+        landlock_full,
+        landlock,
+        syscalls,
+    })
 }
 
 /// The number of threads of this process (1 when /proc cannot say).
@@ -104,7 +110,7 @@ fn thread_count() -> usize {
         .unwrap_or(1)
 }
 
-fn restrict_files(mode: &Mode) -> Result<String, SandboxError> {
+fn restrict_files(mode: &Mode) -> Result<(bool, String), SandboxError> {
     use landlock::{
         Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
         RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
@@ -126,13 +132,17 @@ fn restrict_files(mode: &Mode) -> Result<String, SandboxError> {
         ruleset = ruleset.add_rule(PathBeneath::new(dir, AccessFs::RemoveFile))?;
     }
     let status = ruleset.restrict_self()?;
-    Ok(match status.ruleset {
-        RulesetStatus::FullyEnforced => "fully enforced".to_owned(),
-        RulesetStatus::PartiallyEnforced => {
-            format!("partially enforced (kernel: {:?})", status.landlock)
-        }
-        RulesetStatus::NotEnforced => format!("not available (kernel: {:?})", status.landlock),
-    })
+    let full = status.ruleset == RulesetStatus::FullyEnforced;
+    Ok((
+        full,
+        match status.ruleset {
+            RulesetStatus::FullyEnforced => "fully enforced".to_owned(),
+            RulesetStatus::PartiallyEnforced => {
+                format!("partially enforced (kernel: {:?})", status.landlock)
+            }
+            RulesetStatus::NotEnforced => format!("not available (kernel: {:?})", status.landlock),
+        },
+    ))
 }
 
 fn cond(arg: u8, op: Op, value: u64) -> Result<SeccompCondition, SandboxError> {

@@ -143,7 +143,7 @@ fn child(case: &str, dir: &Path) -> ExitCode {
     };
     check(
         &format!("Landlock: {}", confined.landlock),
-        confined.landlock == "fully enforced",
+        confined.landlock_full,
     );
     match case {
         "data-path" => {
