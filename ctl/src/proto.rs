@@ -159,6 +159,10 @@ pub enum Event {
     /// This watcher fell behind and missed `missed` events; the next
     /// status event is current.
     Lagged { missed: u64 },
+    /// The machine is about to sleep (logind announced it).
+    Sleeping {},
+    /// The machine woke up; `slept` (seconds) when the clocks measured it.
+    Woke { slept: Option<u64> },
 }
 
 /// A refused or failed request.
@@ -400,6 +404,23 @@ pub struct DaemonView {
     pub pid: u32,
     /// Unix time (seconds) the daemon started.
     pub started: u64,
+    /// Sleep and wake as vaned saw them.
+    #[serde(default)]
+    pub power: PowerView,
+}
+
+/// Sleep and wake (logind's announcements, or a jump of the boot clock).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PowerView {
+    /// The machine is going to sleep (between logind's announcement and
+    /// the wake).
+    pub asleep: bool,
+    /// How many wakes vaned has seen since it started.
+    pub wakes: u32,
+    /// Unix time (seconds) of the last wake.
+    pub last_wake: Option<u64>,
+    /// How long the machine slept before it, in seconds, when measured.
+    pub slept: Option<u64>,
 }
 
 // ---- the codec ------------------------------------------------------------

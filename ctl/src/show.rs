@@ -132,6 +132,20 @@ pub fn status(st: &Status, now: SystemTime) -> String {
     if let Some(k) = &t.kill_switch {
         let _ = writeln!(s, "  kill switch: {}", kill_switch(k));
     }
+    let power = &st.daemon.power;
+    if power.asleep {
+        let _ = writeln!(s, "the machine is going to sleep");
+    } else if let Some(w) = power.last_wake {
+        let _ = writeln!(
+            s,
+            "the machine woke up {}{}",
+            ago(w, now),
+            power
+                .slept
+                .map(|x| format!(" (slept {x} s)"))
+                .unwrap_or_default()
+        );
+    }
     let _ = writeln!(s, "decision: {}", st.decision.reason);
     for p in &st.decision.probes {
         let _ = writeln!(
@@ -197,6 +211,9 @@ pub fn event(e: &Event, now: SystemTime) -> String {
             status.decision.reason
         ),
         Event::Lagged { missed } => format!("({missed} event(s) missed: this watch fell behind)"),
+        Event::Sleeping {} => "the machine is going to sleep".to_owned(),
+        Event::Woke { slept: Some(s) } => format!("the machine woke up (slept {s} s)"),
+        Event::Woke { slept: None } => "the machine woke up".to_owned(),
     }
 }
 

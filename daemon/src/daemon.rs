@@ -11,10 +11,10 @@ use std::time::{Instant, SystemTime};
 use anyhow::{Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{broadcast, mpsc};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use vane_ctl::proto::{Command, TunnelState};
 use vane_ctl::proto::{
-    DaemonView, DecisionView, ErrorCode, Event, IntentView, KillSwitchView, NetworkView,
+    DaemonView, DecisionView, ErrorCode, Event, IntentView, KillSwitchView, NetworkView, PowerView,
     ProtoError, ReloadOutcome, Reply, RulesView, Status, TunnelStatus,
 };
 use vane_observer::{Exclusions, Observer, ObserverConfig};
@@ -23,6 +23,7 @@ use vane_policy::reload::{Reloaded, RuleSource};
 
 use crate::control::{self, unix_secs};
 use crate::probe::{self, Prober};
+use crate::sleep::Power;
 use crate::state::StateStore;
 use crate::tunnel::plan;
 use crate::tunnel::supervisor::{Action, Supervisor};
@@ -31,6 +32,13 @@ use crate::tunnel::{Plan, Report, Worker};
 /// How long the tunnel binary's path must be quiet before it is checked
 /// (a rename is one event; a file written in place is many).
 const BINARY_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How often the clocks are compared for a suspend nobody announced.
+const CLOCK_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A second wake reported within this of the first (logind's and the
+/// clocks') is the same wake.
+const SAME_WAKE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How vaned was started.
 pub struct Options {
@@ -75,6 +83,8 @@ enum WorkerMsg {
     CheckDns,
     /// Whether the kill switch stays when vaned stops (lockdown).
     HoldOnExit(bool),
+    /// The machine woke up: the tunnel handshakes at once.
+    Wake,
 }
 
 /// How the loop ended.
@@ -131,6 +141,18 @@ struct Daemon {
     /// install) or changing it reloads.
     config_watch: Option<(PathBuf, vane_policy::reload::FileWatch)>,
     reload_tx: mpsc::UnboundedSender<()>,
+    /// Sleep and wake, as `vanectl status` shows them.
+    power: PowerView,
+    /// logind waits for this before the machine sleeps: sent once the
+    /// tunnel is down (`disconnect_on_sleep`).
+    sleep_ready: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The tunnel went down for the sleep (`disconnect_on_sleep`) while
+    /// the rules want it up: the kill switch stays, and the wake brings
+    /// the tunnel back.
+    down_for_sleep: bool,
+    /// When the last wake was handled (logind and the clocks both report
+    /// one wake; the second is not acted on again).
+    last_wake: Option<Instant>,
 }
 
 /// Converts the observer's snapshot to what the rule engine reads.
@@ -318,6 +340,7 @@ pub async fn run(options: Options) -> Result<Exit> {
                 WorkerMsg::CheckBinary => worker.check_binary().await,
                 WorkerMsg::CheckDns => worker.check_dns().await,
                 WorkerMsg::HoldOnExit(hold) => hold_on_exit = hold,
+                WorkerMsg::Wake => worker.wake(),
                 WorkerMsg::HandOver => {
                     worker.hand_over();
                     return;
@@ -406,6 +429,10 @@ pub async fn run(options: Options) -> Result<Exit> {
         lockdown_saved: None,
         config_watch: None,
         reload_tx,
+        power: PowerView::default(),
+        sleep_ready: None,
+        down_for_sleep: false,
+        last_wake: None,
     };
     d.watch_config();
     if let Some(found) = adoptable {
@@ -436,6 +463,14 @@ pub async fn run(options: Options) -> Result<Exit> {
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     info!("vaned ready");
+
+    // Sleep and wake: logind's announcements, and the clocks for a
+    // suspend nobody announced (see sleep.rs).
+    let (power_tx, mut power_rx) = mpsc::unbounded_channel::<Power>();
+    let logind = crate::sleep::spawn_logind(power_tx);
+    let mut clocks = vane_tunnel::clock::ClockWatch::default();
+    let mut clock_tick = tokio::time::interval(CLOCK_CHECK);
+    clock_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -522,6 +557,16 @@ pub async fn run(options: Options) -> Result<Exit> {
                 let actions = d.supervisor.timer_fired(Instant::now());
                 d.dispatch(actions);
             }
+            Some(power) = power_rx.recv() => match power {
+                Power::Sleeping { ready } => d.going_to_sleep(ready),
+                Power::Woke { slept } => d.woke(slept),
+            },
+            _ = clock_tick.tick() => {
+                let read = vane_tunnel::clock::read_clocks();
+                if let Some(slept) = read.and_then(|(b, m)| clocks.observe(b, m)) {
+                    d.woke(Some(slept));
+                }
+            }
             _ = watchdog_tick.tick(), if watchdog.is_some() => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             }
@@ -532,6 +577,7 @@ pub async fn run(options: Options) -> Result<Exit> {
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     server.abort();
+    logind.abort();
     let exit = if d.handing_over {
         let _ = d.worker.send(WorkerMsg::HandOver);
         Exit::HandedOver
@@ -626,13 +672,84 @@ impl Daemon {
         if self.shutting_down {
             return;
         }
+        let asleep = self.power.asleep && self.rules.rules().tunnel.disconnect_on_sleep;
         let actions = match self.decision.desired {
+            // Down until the wake, the kill switch kept as for a tunnel
+            // that is up.
+            Desired::Up if asleep => {
+                self.down_for_sleep = true;
+                self.supervisor.want(false, now)
+            }
             Desired::Up if self.plan_error.is_none() => self.supervisor.want(true, now),
             Desired::Up => Vec::new(),
-            Desired::Down => self.supervisor.want(false, now),
+            Desired::Down => {
+                self.down_for_sleep = false;
+                self.supervisor.want(false, now)
+            }
             Desired::Unchanged => Vec::new(),
         };
         self.dispatch(actions);
+    }
+
+    /// logind announced that the machine is about to sleep: with
+    /// `disconnect_on_sleep` the tunnel goes down first (the kill switch
+    /// stays as the rules want it), and `ready` tells logind when it is
+    /// down; otherwise at once.
+    fn going_to_sleep(&mut self, ready: tokio::sync::oneshot::Sender<()>) {
+        info!("the machine is going to sleep");
+        self.power.asleep = true;
+        let _ = self.events.send(Event::Sleeping {});
+        if self.rules.rules().tunnel.disconnect_on_sleep && self.supervisor.wants_up() {
+            info!("disconnect_on_sleep: the tunnel goes down until the wake");
+            self.down_for_sleep = true;
+            self.sleep_ready = Some(ready);
+            let actions = self.supervisor.want(false, Instant::now());
+            self.dispatch(actions);
+        } else {
+            let _ = ready.send(());
+            self.publish();
+        }
+    }
+
+    /// The machine woke up (logind said so, or the clocks show it): the
+    /// network is read afresh, probes run again, the rules decide at once,
+    /// and a tunnel that is up handshakes now rather than at its next
+    /// timer (its peer may have dropped the session meanwhile).
+    fn woke(&mut self, slept: Option<std::time::Duration>) {
+        let now = Instant::now();
+        if !self.power.asleep && self.last_wake.is_some_and(|t| now - t < SAME_WAKE) {
+            debug!(?slept, "the wake was handled already");
+            return;
+        }
+        match slept {
+            Some(s) => info!(slept_secs = s.as_secs(), "the machine woke up: reading the network afresh, probing again, handshaking at once"),
+            None => info!("the machine woke up: reading the network afresh, probing again, handshaking at once"),
+        }
+        self.last_wake = Some(now);
+        self.power = PowerView {
+            asleep: false,
+            wakes: self.power.wakes.saturating_add(1),
+            last_wake: Some(unix_secs(SystemTime::now())),
+            slept: slept.map(|s| s.as_secs()),
+        };
+        let _ = self.events.send(Event::Woke {
+            slept: slept.map(|s| s.as_secs()),
+        });
+        // A sleep that never happened (logind gave up waiting, or the
+        // machine woke before the tunnel was down).
+        if let Some(ready) = self.sleep_ready.take() {
+            let _ = ready.send(());
+        }
+        let restore = std::mem::take(&mut self.down_for_sleep);
+        self.observer.resync();
+        self.prober.expire_all();
+        let _ = self.worker.send(WorkerMsg::Wake);
+        self.evaluate();
+        if restore && self.decision.desired == Desired::Unchanged && self.plan_error.is_none() {
+            // Up before the sleep, and no rule says otherwise now.
+            let actions = self.supervisor.want(true, now);
+            self.dispatch(actions);
+        }
     }
 
     /// Whether the kill switch should be on: a full tunnel that the
@@ -641,7 +758,9 @@ impl Daemon {
     /// and after: lockdown holds while vaned does not run).
     fn protect_wanted(&self) -> bool {
         self.lockdown()
-            || (self.plan.full.is_some() && !self.shutting_down && self.supervisor.wants_up())
+            || (self.plan.full.is_some()
+                && !self.shutting_down
+                && (self.supervisor.wants_up() || self.down_for_sleep))
     }
 
     /// Lockdown in force: the rule file's `lockdown = true` for a full
@@ -975,6 +1094,7 @@ impl Daemon {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 pid: std::process::id(),
                 started: unix_secs(self.started),
+                power: self.power.clone(),
             },
         }
     }
@@ -990,6 +1110,12 @@ impl Daemon {
 
     fn publish(&mut self) {
         self.sync_lockdown();
+        if self.supervisor.state() == TunnelState::Down {
+            if let Some(ready) = self.sleep_ready.take() {
+                info!("the tunnel is down: the machine may sleep");
+                let _ = ready.send(());
+            }
+        }
         let status = self.status();
         if !self.settling() {
             for reply in self.parked.drain(..) {
@@ -1001,6 +1127,7 @@ impl Daemon {
                 || last.decision != status.decision
                 || last.intent != status.intent
                 || last.rules != status.rules
+                || last.daemon.power != status.daemon.power
         });
         if changed {
             let line = match &self.plan_error {

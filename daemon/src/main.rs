@@ -28,6 +28,7 @@ mod daemon;
 mod dns;
 mod net;
 mod probe;
+mod sleep;
 mod state;
 mod tunnel;
 

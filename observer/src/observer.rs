@@ -134,6 +134,7 @@ enum Command {
     Exclusions(Exclusions),
     Classifier(Box<Classifier>),
     ResolvConfOverride(Option<Dns>),
+    Resync,
 }
 
 /// A handle that tells the observer what the underlying network's
@@ -345,6 +346,13 @@ impl Observer {
 
     /// How many times the event socket overran (each answered by a full
     /// re-dump).
+    /// Reads everything afresh (the kernel's links, addresses and routes,
+    /// Wi-Fi, the SSID file, DNS), as at the start: after the machine
+    /// woke up, when events may have been missed or come late.
+    pub fn resync(&self) {
+        let _ = self.commands.send(Command::Resync);
+    }
+
     pub fn overruns(&self) -> u64 {
         self.overruns.load(Ordering::Relaxed)
     }
@@ -699,6 +707,15 @@ async fn run(
                 match cmd {
                     Some(Command::Exclusions(e)) => core.exclusions = e,
                     Some(Command::ResolvConfOverride(d)) => core.resolv_override = d,
+                    Some(Command::Resync) => {
+                        if let Err(e) = core.full_dump().await {
+                            tracing::error!("{e}");
+                        }
+                        core.reload_ssid_file();
+                        core.reload_dns();
+                        core.recheck_resolved().await;
+                        core.requery_wifi();
+                    }
                     Some(Command::Classifier(c)) => {
                         let nl = core.nl80211_ssids.keys().copied().collect();
                         core.classifier = *c;

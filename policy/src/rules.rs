@@ -105,6 +105,8 @@ struct RawTunnel {
     exclude_local_networks: bool,
     #[serde(default)]
     lockdown: bool,
+    #[serde(default)]
+    disconnect_on_sleep: bool,
 }
 
 fn yes() -> bool {
@@ -180,6 +182,10 @@ pub struct TunnelSection {
     pub include_all_networks: bool,
     pub exclude_local_networks: bool,
     pub lockdown: bool,
+    /// Take the tunnel down before the machine sleeps (Apple's
+    /// `disconnectOnSleep`); the rules bring it back on wake. The kill
+    /// switch stays as the rules want it meanwhile.
+    pub disconnect_on_sleep: bool,
 }
 
 /// A pattern as written and its compiled form.
@@ -423,6 +429,7 @@ pub fn parse(text: &str, file: &Path) -> Result<RuleSet, RulesError> {
         include_all_networks: t.include_all_networks,
         exclude_local_networks: t.exclude_local_networks,
         lockdown: t.lockdown,
+        disconnect_on_sleep: t.disconnect_on_sleep,
     };
 
     // [interfaces]

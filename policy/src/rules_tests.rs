@@ -86,7 +86,7 @@ fn golden_errors() {
         ),
         (
             format!("{HEAD}colour = \"blue\"\n"),
-            vec!["/etc/vane/vane.toml:4:1: unknown field `colour`, expected one of `interface`, `config`, `include_all_networks`, `exclude_local_networks`, `lockdown`"],
+            vec!["/etc/vane/vane.toml:4:1: unknown field `colour`, expected one of `interface`, `config`, `include_all_networks`, `exclude_local_networks`, `lockdown`, `disconnect_on_sleep`"],
         ),
         (
             "[on_demand]\n".into(),

@@ -23,6 +23,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod container;
 pub mod leaks;
+pub mod logind;
 pub mod numbered;
 pub mod probe;
 pub mod stream;

@@ -55,6 +55,10 @@ pub struct Lab {
     pub resolv_conf: PathBuf,
     /// /etc/netns/NS of the client's namespace, when the lab uses it.
     netns_etc: Option<TempDir>,
+    /// The system bus vaned is given (`DBUS_SYSTEM_BUS_ADDRESS`): a fake
+    /// logind's (see crate::logind), or by default one that does not
+    /// exist, so that a test never talks to the host's logind.
+    pub system_bus: Option<String>,
 }
 
 impl Lab {
@@ -129,6 +133,7 @@ impl Lab {
             ssid_file,
             resolv_conf,
             netns_etc: None,
+            system_bus: None,
         };
         lab.write_rules(&format!(
             "[tunnel]\ninterface = \"{}\"\nconfig = \"{}\"\n\n{rules}",
@@ -178,6 +183,29 @@ impl Lab {
             .a
             .ip(&["route", "replace", "default", "via", gateway, "dev", dev])
             .map(|_| ())
+    }
+
+    /// The server forgets every session with vane (its peer removed and
+    /// added again, as when the server restarts or rejects a session
+    /// that grew too old while the client slept): until vane handshakes
+    /// again, what it sends on its old session is dropped.
+    pub fn server_forgets_sessions(&self) -> Result<()> {
+        let peer = self.keys.public.as_str();
+        self.pair
+            .b
+            .exec("wg", &["set", &self.server_if, "peer", peer, "remove"])?;
+        self.pair.b.exec(
+            "wg",
+            &[
+                "set",
+                &self.server_if,
+                "peer",
+                peer,
+                "allowed-ips",
+                "10.99.0.1/32,fd99::1/128",
+            ],
+        )?;
+        Ok(())
     }
 
     /// Replaces the rule file the way editors do: a new file renamed over
@@ -232,10 +260,15 @@ impl Lab {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let no_bus = format!(
+            "unix:path={}",
+            self.dir.path().join("no-system-bus").display()
+        );
+        let bus = self.system_bus.as_deref().unwrap_or(&no_bus);
         let mut proc_ = self.pair.a.spawn(
             &vaned_bin().to_string_lossy(),
             &args,
-            &[("VANE_LOG", "debug")],
+            &[("VANE_LOG", "debug"), ("DBUS_SYSTEM_BUS_ADDRESS", bus)],
         )?;
         proc_.owned.push(uapi_socket(&self.ifname));
         let v = Vaned {

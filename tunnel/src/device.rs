@@ -20,10 +20,11 @@ use boringtun::noise::TunnResult;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use tracing::{debug, trace, warn};
+use tracing::{debug, info, trace, warn};
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use crate::batch::{encapsulate_packets, open_datagram, Counters, Opened, SendBatch};
+use crate::clock::{read_clocks, ClockWatch};
 use crate::model::{DeviceConfig, Key, PeerName};
 use crate::peers::{Peer, PeerTable};
 use crate::uapi::{self, UapiError};
@@ -63,6 +64,9 @@ pub struct Device {
     /// Written when `socket` is replaced: a worker then swaps the new
     /// socket into the epoll set.
     socket_changed: EventFd,
+    /// Written by [`Device::wake`]: the timer thread then starts a
+    /// handshake with every peer.
+    woken: EventFd,
     /// Whether the configuration has a private key: the data path starts
     /// only then (see [`Device::run`]).
     keyed: tokio::sync::watch::Sender<bool>,
@@ -240,6 +244,7 @@ impl Device {
     ) -> io::Result<Arc<Device>> {
         tun.set_nonblocking(true)?;
         let socket_changed = new_eventfd()?;
+        let woken = new_eventfd()?;
         let socket = Arc::new(socket);
         let table = Arc::new(PeerTable::build(
             &PeerTable::default(),
@@ -257,6 +262,7 @@ impl Device {
             table: RwLock::new(table),
             socket: RwLock::new(socket),
             socket_changed,
+            woken,
             counters: Counters::default(),
         }))
     }
@@ -682,9 +688,13 @@ impl Device {
     fn timer_loop(&self, stop: &EventFd) -> io::Result<()> {
         let mut out = vec![0u8; BUF_LEN];
         let mut next = Instant::now();
+        let mut clocks = ClockWatch::default();
         loop {
             let wait = next.saturating_duration_since(Instant::now());
-            let mut fds = [PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
+            let mut fds = [
+                PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.woken.as_fd(), PollFlags::POLLIN),
+            ];
             // Rounded up to whole milliseconds: rounded down, the last
             // millisecond before a tick would be spent polling with a zero
             // timeout.
@@ -696,16 +706,66 @@ impl Device {
             if is_ready(&fds[0]) {
                 return Ok(());
             }
+            if is_ready(&fds[1]) {
+                let _ = self.woken.read();
+                debug!("told the machine woke up: a handshake with every peer now");
+                if self.handshake_all(&mut out, stop).is_err() {
+                    return Ok(());
+                }
+            }
             if Instant::now() < next {
                 continue;
             }
             // A late tick delays the next one rather than bunching up.
             next = Instant::now() + TIMER_TICK;
+            if let Some(slept) = read_clocks().and_then(|(b, m)| clocks.observe(b, m)) {
+                info!(
+                    slept_secs = slept.as_secs(),
+                    "the machine slept: a handshake with every peer now"
+                );
+                if self.handshake_all(&mut out, stop).is_err() {
+                    return Ok(());
+                }
+            }
             if self.tick_timers(&mut out, stop).is_err() {
                 // Only a stop ends a round early.
                 return Ok(());
             }
         }
+    }
+
+    /// Starts a handshake with every peer that has an endpoint, whatever
+    /// its timers say: after the machine slept, the sessions boringtun
+    /// still counts as young may be gone at the peer (which rejects a
+    /// session after 180 s of its own time), and waiting for the timers to
+    /// notice takes 15 s of silence. A handshake already under way is
+    /// started again (boringtun's `force_resend`). Errs only on a stop.
+    fn handshake_all(&self, out: &mut [u8], stop: &EventFd) -> io::Result<()> {
+        for peer in self.table().peers() {
+            let (len, endpoint) = {
+                let mut state = peer.lock();
+                let Some(endpoint) = state.endpoint else {
+                    continue;
+                };
+                match state.tunn.format_handshake_initiation(out, true) {
+                    TunnResult::WriteToNetwork(p) => (p.len(), endpoint),
+                    _ => continue,
+                }
+            };
+            match self.socket().send(&out[..len], endpoint, None, stop) {
+                Ok(()) => peer.add_tx(len),
+                Err(e) if is_stopped(&e) => return Err(e),
+                Err(e) => debug!(%endpoint, error = %e, "send failed"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The machine woke up (vaned heard it from logind, SIGUSR1): the
+    /// timer thread starts a handshake with every peer at once.
+    pub fn wake(&self) {
+        // Cannot fail short of a counter at its maximum.
+        let _ = self.woken.write(1);
     }
 
     fn tick_timers(&self, out: &mut [u8], stop: &EventFd) -> io::Result<()> {

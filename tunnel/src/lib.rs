@@ -6,6 +6,7 @@
 //! the userspace API socket.
 
 pub mod batch;
+pub mod clock;
 pub mod config;
 pub mod device;
 pub mod model;

@@ -197,9 +197,15 @@ async fn run(args: Args, loaded: Option<Loaded>, mut ready: Option<daemon::Ready
         "vane-tunnel running"
     );
     use tokio::signal::unix::{signal, SignalKind};
-    let signals =
-        signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
-    let (mut sigterm, mut sigint) = match signals {
+    // SIGUSR1: the machine woke up (vaned heard it from logind).
+    let signals = signal(SignalKind::terminate()).and_then(|t| {
+        Ok((
+            t,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::user_defined1())?,
+        ))
+    });
+    let (mut sigterm, mut sigint, mut sigusr1) = match signals {
         Ok(s) => s,
         Err(e) => {
             let e = anyhow::Error::from(e).context("signal handlers");
@@ -246,10 +252,15 @@ async fn run(args: Args, loaded: Option<Loaded>, mut ready: Option<daemon::Ready
         ready.ok();
     }
 
-    let result = tokio::select! {
-        r = Arc::clone(&device).run() => r.context("data path stopped"),
-        _ = sigint.recv() => { info!("SIGINT, shutting down"); Ok(()) }
-        _ = sigterm.recv() => { info!("SIGTERM, shutting down"); Ok(()) }
+    let run = Arc::clone(&device).run();
+    tokio::pin!(run);
+    let result = loop {
+        tokio::select! {
+            r = &mut run => break r.context("data path stopped"),
+            _ = sigint.recv() => { info!("SIGINT, shutting down"); break Ok(()) }
+            _ = sigterm.recv() => { info!("SIGTERM, shutting down"); break Ok(()) }
+            _ = sigusr1.recv() => device.wake(),
+        }
     };
     uapi.abort();
     info!("dropped packets: {}", device.counters);

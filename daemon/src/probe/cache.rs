@@ -59,10 +59,17 @@ struct Entry {
     outcome: Outcome,
     at: Instant,
     checked: SystemTime,
+    /// Expired whatever its age (the machine slept since).
+    stale: bool,
 }
 
 impl Entry {
     fn expires(&self) -> Instant {
+        if self.stale {
+            // `Instant` has no minimum; the result's own time is before
+            // any `now` it is compared with.
+            return self.at;
+        }
         self.at
             + match self.outcome.result {
                 ProbeResult::Ok => OK_TTL,
@@ -97,6 +104,17 @@ impl Cache {
 
     pub fn network(&self) -> Option<&str> {
         self.network.as_deref()
+    }
+
+    /// Every result expires now and running probes are forgotten (their
+    /// answers are dropped): the machine slept, and what was true before
+    /// may not be. The results stay in force until the fresh probes
+    /// answer, as any expired result does.
+    pub fn expire_all(&mut self) {
+        self.running.clear();
+        for e in self.entries.values_mut() {
+            e.stale = true;
+        }
     }
 
     /// The results the rule engine reads. An expired result stays in force
@@ -170,6 +188,7 @@ impl Cache {
                 outcome,
                 at: now,
                 checked: wall,
+                stale: false,
             },
         );
         true
@@ -282,5 +301,34 @@ mod tests {
         assert!(c.begin(&[], &named, false, t2 + FAIL_TTL).is_empty());
         assert!(c.probes().is_empty());
         assert_eq!(c.next_refresh(), None);
+    }
+
+    #[test]
+    fn after_a_sleep_every_result_is_probed_again_and_stays_in_force_meanwhile() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH;
+        let a = "http://a/".to_owned();
+        let b = "http://b/".to_owned();
+        let named: BTreeSet<String> = [a.clone(), b.clone()].into();
+        let mut c = Cache::default();
+        c.set_network("cafe");
+        let s = c.begin(&[a.clone(), b.clone()], &named, true, t0);
+        assert!(c.complete("cafe", &a, s[0].1, outcome(ProbeResult::Fail), t0, wall));
+        // b's probe was running when the machine went to sleep.
+        c.expire_all();
+        assert!(
+            !c.complete("cafe", &b, s[1].1, outcome(ProbeResult::Ok), t0, wall),
+            "a probe from before the sleep is not taken"
+        );
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(c.next_refresh(), Some(t0));
+        let again = c.begin(&[], &named, true, t1);
+        assert_eq!(again.iter().map(|x| &x.0).collect::<Vec<_>>(), [&a]);
+        assert_eq!(c.probes().get(&a), Some(&ProbeResult::Fail));
+        let again_b = c.begin(std::slice::from_ref(&b), &named, true, t1);
+        assert_eq!(again_b.len(), 1);
+        assert!(c.complete("cafe", &a, again[0].1, outcome(ProbeResult::Ok), t1, wall));
+        assert_eq!(c.probes().get(&a), Some(&ProbeResult::Ok));
+        assert_eq!(c.next_refresh(), Some(t1 + OK_TTL), "fresh again");
     }
 }

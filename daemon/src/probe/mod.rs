@@ -153,6 +153,16 @@ impl Prober {
         true
     }
 
+    /// The machine woke up: every result is probed again (and stays in
+    /// force until its fresh probe answers); probes that were running are
+    /// stopped and started afresh.
+    pub fn expire_all(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        self.cache.expire_all();
+    }
+
     /// When an expired result should be probed again.
     pub fn next_refresh(&self) -> Option<Instant> {
         self.cache.next_refresh()

@@ -740,6 +740,36 @@ impl Worker {
         }
     }
 
+    /// The machine woke up: the running tunnel process (if any) starts a
+    /// handshake with every peer now (SIGUSR1, see vane-tunnel), rather
+    /// than sending on a session the peer may have dropped while the
+    /// machine slept and noticing only when its timers expire.
+    pub fn wake(&self) {
+        let Some(running) = &self.running else {
+            return;
+        };
+        let sig = nix::sys::signal::Signal::SIGUSR1;
+        // A vane-tunnel older than this vaned (adopted after an upgrade)
+        // may not handle SIGUSR1, and would die of it.
+        let status = std::fs::read_to_string(format!("/proc/{}/status", running.pid));
+        if !status.is_ok_and(|s| catches(&s, sig)) {
+            debug!(pid = running.pid, "the tunnel process does not handle SIGUSR1 (an older binary); not told to handshake now");
+            return;
+        }
+        let sent = match &running.pidfd {
+            Some(fd) => crate::tunnel::adopt::pidfd_signal(fd, sig),
+            None => nix::sys::signal::kill(nix::unistd::Pid::from_raw(running.pid as i32), sig)
+                .map_err(std::io::Error::from),
+        };
+        match sent {
+            Ok(()) => debug!(pid = running.pid, "told the tunnel to handshake now"),
+            Err(e) => warn!(
+                pid = running.pid,
+                "cannot tell the tunnel to handshake now: {e}"
+            ),
+        }
+    }
+
     /// Stops the tunnel process, if any: SIGTERM, then SIGKILL.
     async fn kill(&mut self) {
         let Some(mut running) = self.running.take() else {
@@ -950,5 +980,34 @@ impl Worker {
         }
         self.set_socket(None);
         debug!(interface = %self.plan.ifname, "tunnel down");
+    }
+}
+
+/// Whether a process whose /proc/PID/status is `status` has a handler for
+/// `signal` (its `SigCgt` mask).
+fn catches(status: &str, signal: nix::sys::signal::Signal) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1u64 << (signal as u32 - 1)) != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::signal::Signal;
+
+    #[test]
+    fn a_handler_is_read_from_sigcgt() {
+        // SIGUSR1 (10) is bit 9: 0x200; SIGTERM (15) bit 14: 0x4000.
+        let status = "Name:\tvane-tunnel\nSigIgn:\t0000000000001000\nSigCgt:\t0000000180004202\n";
+        assert!(catches(status, Signal::SIGUSR1));
+        assert!(catches(status, Signal::SIGTERM));
+        assert!(!catches(status, Signal::SIGUSR2));
+        let old = "SigCgt:\t0000000180004002\n";
+        assert!(!catches(old, Signal::SIGUSR1));
+        assert!(!catches("SigCgt:\tzz\n", Signal::SIGUSR1));
+        assert!(!catches("", Signal::SIGUSR1));
     }
 }

@@ -117,6 +117,7 @@ mod tests {
             include_all_networks: full,
             exclude_local_networks: true,
             lockdown: true,
+            disconnect_on_sleep: false,
         }
     }
 
