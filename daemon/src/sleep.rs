@@ -41,26 +41,64 @@ pub enum Power {
     Woke { slept: Option<Duration> },
 }
 
+/// How long vaned waits before it looks for the bus or logind again (at
+/// boot vaned may start before D-Bus; a bus connection can close).
+const RETRY: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
 /// Follows logind on the system bus (`DBUS_SYSTEM_BUS_ADDRESS`, else the
 /// standard socket) for as long as vaned runs. Without a bus or a logind
-/// it says so once at debug level and ends: the clocks still notice a
-/// suspend (later, and without the chance to act before it).
+/// it says so at debug level and looks again later (backing off to once a
+/// minute): the clocks still notice a suspend meanwhile (after the wake,
+/// without the chance to act before it).
 pub fn spawn_logind(tx: mpsc::UnboundedSender<Power>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        if let Err(e) = follow_logind(&tx).await {
-            debug!("logind: {e}; a suspend is noticed by the clocks only, after the wake");
+        let mut wait = RETRY;
+        loop {
+            match follow_logind(&tx).await {
+                Ok(()) => return,
+                Err(e) => debug!(
+                    "logind: {e}; a suspend is noticed by the clocks only (looking again in {} s)",
+                    wait.as_secs()
+                ),
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(RETRY_MAX);
         }
     })
 }
 
+/// Follows logind until the daemon's loop is gone (`Ok`) or the bus
+/// fails (`Err`). A logind that restarts has forgotten the inhibitor: a
+/// new one is taken from the new logind.
 async fn follow_logind(tx: &mpsc::UnboundedSender<Power>) -> zbus::Result<()> {
     let conn = zbus::Connection::system().await?;
     let manager = zbus::Proxy::new(&conn, LOGIN1, LOGIN1_PATH, LOGIN1_MANAGER).await?;
     // Subscribed before the inhibitor is taken: no announcement is missed.
     let mut signals = manager.receive_signal("PrepareForSleep").await?;
+    let mut owners = manager.receive_owner_changed().await?;
     let mut inhibitor = Some(inhibit(&manager).await?);
     info!("following logind: the tunnel is looked after before the machine sleeps and at once when it wakes");
-    while let Some(message) = signals.next().await {
+    loop {
+        let message = tokio::select! {
+            m = signals.next() => match m {
+                Some(m) => m,
+                None => break,
+            },
+            owner = owners.next() => match owner {
+                Some(Some(_)) => {
+                    info!("logind restarted: taking the sleep inhibitor again");
+                    inhibitor = Some(inhibit(&manager).await?);
+                    continue;
+                }
+                Some(None) => {
+                    warn!("logind left the bus: a suspend is noticed by the clocks only until it is back");
+                    inhibitor = None;
+                    continue;
+                }
+                None => break,
+            },
+        };
         let start: bool = match message.body().deserialize() {
             Ok(b) => b,
             Err(e) => {
@@ -71,7 +109,7 @@ async fn follow_logind(tx: &mpsc::UnboundedSender<Power>) -> zbus::Result<()> {
         if start {
             let (ready, done) = oneshot::channel();
             if tx.send(Power::Sleeping { ready }).is_err() {
-                break;
+                return Ok(());
             }
             // Held until the loop is ready (or gives up), then closed:
             // logind lets the machine sleep once every delay inhibitor is
@@ -85,7 +123,7 @@ async fn follow_logind(tx: &mpsc::UnboundedSender<Power>) -> zbus::Result<()> {
             inhibitor = None;
         } else {
             if tx.send(Power::Woke { slept: None }).is_err() {
-                break;
+                return Ok(());
             }
             if inhibitor.is_none() {
                 match inhibit(&manager).await {
