@@ -277,7 +277,7 @@ pub struct TunnelStatus {
     #[serde(default)]
     pub binary_error: Option<String>,
     /// How many times the tunnel's DNS was put back after another program
-    /// replaced resolv.conf while it was on, since the tunnel started.
+    /// changed it while it was on, since the tunnel started.
     #[serde(default)]
     pub dns_reasserted: u32,
     /// Why the tunnel's DNS is not in force although it should be (it

@@ -122,7 +122,7 @@ pub fn status(st: &Status, now: SystemTime) -> String {
     if t.dns_reasserted > 0 {
         let _ = writeln!(
             s,
-            "  tunnel DNS put back {} time(s) after resolv.conf was replaced",
+            "  tunnel DNS put back {} time(s) after another program changed it",
             t.dns_reasserted
         );
     }

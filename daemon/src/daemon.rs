@@ -36,6 +36,10 @@ const BINARY_SETTLE: std::time::Duration = std::time::Duration::from_millis(100)
 /// How often the clocks are compared for a suspend nobody announced.
 const CLOCK_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How often systemd-resolved's settings for the tunnel's link are
+/// compared with the tunnel's DNS (only while it is applied there).
+const DNS_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// A second wake reported within this of the first (logind's and the
 /// clocks') is the same wake.
 const SAME_WAKE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -81,6 +85,9 @@ enum WorkerMsg {
     CheckBinary,
     /// resolv.conf changed: the tunnel's DNS may need putting back.
     CheckDns,
+    /// With systemd-resolved, whose link settings vaned is not told of
+    /// when they change: check them (every [`DNS_POLL`]).
+    PollDns,
     /// Whether the kill switch stays when vaned stops (lockdown).
     HoldOnExit(bool),
     /// The machine woke up: the tunnel handshakes at once.
@@ -339,6 +346,11 @@ pub async fn run(options: Options) -> Result<Exit> {
                 }
                 WorkerMsg::CheckBinary => worker.check_binary().await,
                 WorkerMsg::CheckDns => worker.check_dns().await,
+                WorkerMsg::PollDns => {
+                    if worker.dns_polled() {
+                        worker.check_dns().await;
+                    }
+                }
                 WorkerMsg::HoldOnExit(hold) => hold_on_exit = hold,
                 WorkerMsg::Wake => worker.wake(),
                 WorkerMsg::HandOver => {
@@ -386,12 +398,25 @@ pub async fn run(options: Options) -> Result<Exit> {
     // resolv.conf written over by another program while the tunnel's DNS
     // is on (the file backend) is put back; bursts coalesced likewise.
     let (resolv_tx, mut resolv_rx) = mpsc::unbounded_channel::<()>();
+    let resolv_tx_target = resolv_tx.clone();
     let _resolv_watch = watch(
         &resolv_conf,
         resolv_tx,
         "a tunnel DNS replaced by another program is not put back",
     );
     let mut resolv_check: Option<Instant> = None;
+    // resolvconf writes the file /etc/resolv.conf links to
+    // (/run/resolvconf/resolv.conf): watched too, for its changes.
+    let _resolv_target_watch = std::fs::canonicalize(&resolv_conf)
+        .ok()
+        .filter(|target| *target != resolv_conf)
+        .and_then(|target| {
+            watch(
+                &target,
+                resolv_tx_target,
+                "a tunnel DNS another program outranks is not put back",
+            )
+        });
 
     let now = Instant::now();
     let mut d = Daemon {
@@ -471,6 +496,8 @@ pub async fn run(options: Options) -> Result<Exit> {
     let mut clocks = vane_tunnel::clock::ClockWatch::default();
     let mut clock_tick = tokio::time::interval(CLOCK_CHECK);
     clock_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut dns_poll = tokio::time::interval(DNS_POLL);
+    dns_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -566,6 +593,9 @@ pub async fn run(options: Options) -> Result<Exit> {
                 if let Some(slept) = read.and_then(|(b, m)| clocks.observe(b, m)) {
                     d.woke(Some(slept));
                 }
+            }
+            _ = dns_poll.tick() => {
+                let _ = d.worker.send(WorkerMsg::PollDns);
             }
             _ = watchdog_tick.tick(), if watchdog.is_some() => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);

@@ -21,11 +21,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod bus;
 pub mod container;
 pub mod leaks;
 pub mod logind;
 pub mod numbered;
 pub mod probe;
+pub mod resolved;
 pub mod stream;
 pub mod vaned;
 

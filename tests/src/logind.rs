@@ -6,11 +6,12 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
+
+use crate::bus::PrivateBus;
 
 const LOGIN1: &str = "org.freedesktop.login1";
 const LOGIN1_PATH: &str = "/org/freedesktop/login1";
@@ -71,58 +72,26 @@ impl Manager {
 
 /// The fake logind and its bus; both stop when it drops.
 pub struct FakeLogind {
-    bus: Child,
     pub address: String,
     inhibitors: Arc<Mutex<Vec<Inhibitor>>>,
     conn: zbus::Connection,
-    rt: tokio::runtime::Runtime,
-}
-
-impl Drop for FakeLogind {
-    fn drop(&mut self) {
-        let _ = self.bus.kill();
-        let _ = self.bus.wait();
-    }
+    bus: PrivateBus,
 }
 
 impl FakeLogind {
     /// Starts a dbus-daemon listening in `dir` and logind's name on it.
     pub fn start(dir: &Path) -> Result<FakeLogind> {
-        let address = format!("unix:path={}", dir.join("system_bus_socket").display());
-        let mut bus = std::process::Command::new("dbus-daemon")
-            .args(["--session", "--nofork", "--nopidfile", "--print-address=1"])
-            .arg(format!("--address={address}"))
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("dbus-daemon (package dbus-daemon)")?;
-        // It prints its address once it listens.
-        let mut line = String::new();
-        let stdout = bus.stdout.take().context("piped stdout")?;
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
-        if !line.starts_with("unix:") {
-            let _ = bus.kill();
-            bail!("dbus-daemon printed {line:?}");
-        }
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?;
+        let bus = PrivateBus::start(dir, "system_bus_socket")?;
         let inhibitors = Arc::new(Mutex::new(Vec::new()));
         let manager = Manager {
             inhibitors: Arc::clone(&inhibitors),
         };
-        let conn = rt.block_on(
-            zbus::connection::Builder::address(address.as_str())
-                .name(LOGIN1)
-                .serve_at(LOGIN1_PATH, manager)
-                .build(),
-        )?;
+        let conn = bus.serve(LOGIN1, LOGIN1_PATH, manager)?;
         Ok(FakeLogind {
-            bus,
-            address,
+            address: bus.address.clone(),
             inhibitors,
             conn,
-            rt,
+            bus,
         })
     }
 
@@ -146,7 +115,7 @@ impl FakeLogind {
     }
 
     fn prepare_for_sleep(&self, start: bool) -> Result<()> {
-        self.rt.block_on(self.conn.emit_signal(
+        self.bus.rt.block_on(self.conn.emit_signal(
             None::<()>,
             LOGIN1_PATH,
             LOGIN1_MANAGER,

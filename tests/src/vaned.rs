@@ -59,6 +59,11 @@ pub struct Lab {
     /// logind's (see crate::logind), or by default one that does not
     /// exist, so that a test never talks to the host's logind.
     pub system_bus: Option<String>,
+    /// vaned's `--dns-backend` (default `file`: never the host's resolved
+    /// or resolvconf).
+    pub dns_backend: &'static str,
+    /// More environment for vaned (a PATH with a fake program first).
+    pub vaned_env: Vec<(String, String)>,
 }
 
 impl Lab {
@@ -134,6 +139,8 @@ impl Lab {
             resolv_conf,
             netns_etc: None,
             system_bus: None,
+            dns_backend: "file",
+            vaned_env: Vec::new(),
         };
         lab.write_rules(&format!(
             "[tunnel]\ninterface = \"{}\"\nconfig = \"{}\"\n\n{rules}",
@@ -256,7 +263,7 @@ impl Lab {
             "--dns-source".into(),
             "resolv-conf".into(),
             "--dns-backend".into(),
-            "file".into(),
+            self.dns_backend.into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -265,11 +272,12 @@ impl Lab {
             self.dir.path().join("no-system-bus").display()
         );
         let bus = self.system_bus.as_deref().unwrap_or(&no_bus);
-        let mut proc_ = self.pair.a.spawn(
-            &vaned_bin().to_string_lossy(),
-            &args,
-            &[("VANE_LOG", "debug"), ("DBUS_SYSTEM_BUS_ADDRESS", bus)],
-        )?;
+        let mut env = vec![("VANE_LOG", "debug"), ("DBUS_SYSTEM_BUS_ADDRESS", bus)];
+        env.extend(self.vaned_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let mut proc_ = self
+            .pair
+            .a
+            .spawn(&vaned_bin().to_string_lossy(), &args, &env)?;
         proc_.owned.push(uapi_socket(&self.ifname));
         let v = Vaned {
             proc_,

@@ -22,9 +22,9 @@ mod file;
 mod resolvconf;
 mod resolved;
 
+pub use file::underlying_resolv_conf;
 #[cfg(test)]
 pub use file::BACKUP_NAME;
-pub use file::{resolv_conf_is_ours, underlying_resolv_conf};
 
 /// The tunnel's DNS settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,19 +121,28 @@ pub fn render_body(dns: &TunnelDns) -> String {
     s
 }
 
-/// Finds `name` in /usr/sbin, /sbin, then PATH.
+/// Whether a resolv.conf (`text`, as resolvconf generates it) gives the
+/// tunnel's servers the queries: in a full tunnel they are its first
+/// nameservers, in order (the C library tries them first; an exclusive
+/// entry of another program's would put its own first, or alone); in a
+/// split tunnel they are among them.
+pub fn servers_in_force(text: &str, dns: &TunnelDns) -> bool {
+    let listed = vane_observer::dns::parse_resolv_conf(text).servers;
+    if dns.full_tunnel {
+        listed.starts_with(&dns.servers)
+    } else {
+        dns.servers.iter().all(|s| listed.contains(s))
+    }
+}
+
+/// Finds `name` in PATH, then in /usr/sbin and /sbin (a PATH without
+/// them, as a user's shell may give).
 fn find_program(name: &str) -> Option<PathBuf> {
-    [Path::new("/usr/sbin"), Path::new("/sbin")]
-        .iter()
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
         .map(|d| d.join(name))
         .find(|p| p.is_file())
-        .or_else(|| {
-            std::env::var_os("PATH").and_then(|path| {
-                std::env::split_paths(&path)
-                    .map(|d| d.join(name))
-                    .find(|p| p.is_file())
-            })
-        })
 }
 
 /// The backend for this system: systemd-resolved when it runs on the system
@@ -282,6 +291,27 @@ impl DnsManager {
         Ok(())
     }
 
+    /// Whether `dns`, applied to `ifname`, is still in force, or another
+    /// program has changed it since: resolv.conf replaced (`file`), our
+    /// servers no longer first in the resolv.conf resolvconf generates
+    /// (our entry deleted, another exclusive one added), or the link's
+    /// settings in systemd-resolved changed.
+    pub async fn in_force(&mut self, ifindex: u32, dns: &TunnelDns) -> Result<bool, DnsError> {
+        match self.backend {
+            Backend::Resolved => self.resolved.in_force(ifindex, dns).await,
+            Backend::Resolvconf => {
+                let path = &self.files.resolv;
+                let text = match std::fs::read_to_string(path) {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+                    Err(e) => return Err(io_err("reading", path)(e)),
+                };
+                Ok(servers_in_force(&text, dns))
+            }
+            Backend::File => file::resolv_conf_is_ours(&self.files.resolv),
+        }
+    }
+
     /// At start, before anything else: undoes what a crashed vaned left,
     /// whatever the backend now (a backup of resolv.conf is restored, a
     /// stale resolvconf entry removed). systemd-resolved needs nothing: it
@@ -405,6 +435,26 @@ mod tests {
         assert!(r.gave_up);
         assert!(!r.allow(t1 + REASSERT_WINDOW * 10));
         assert_eq!(r.total, REASSERT_MAX as u32);
+    }
+
+    #[test]
+    fn the_tunnels_servers_are_in_force_when_resolv_conf_gives_them_the_queries() {
+        let full = dns(&["10.64.0.1", "10.64.0.2"], &[], true);
+        let split = dns(&["10.64.0.1"], &[], false);
+        let ours_first =
+            "# resolvconf\nnameserver 10.64.0.1\nnameserver 10.64.0.2\nnameserver 192.168.1.1\n";
+        assert!(servers_in_force(ours_first, &full));
+        assert!(servers_in_force(ours_first, &split));
+        // Another exclusive entry first, or ours deleted.
+        let outranked = "nameserver 192.168.1.1\nnameserver 10.64.0.1\nnameserver 10.64.0.2\n";
+        assert!(!servers_in_force(outranked, &full));
+        assert!(servers_in_force(outranked, &split));
+        let gone = "nameserver 192.168.1.1\n";
+        assert!(!servers_in_force(gone, &full));
+        assert!(!servers_in_force(gone, &split));
+        assert!(!servers_in_force("", &split));
+        // Only one of ours: not in force.
+        assert!(!servers_in_force("nameserver 10.64.0.1\n", &full));
     }
 
     #[test]

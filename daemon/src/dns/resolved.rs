@@ -12,6 +12,7 @@ use super::{DnsError, TunnelDns};
 pub(super) const RESOLVE1: &str = "org.freedesktop.resolve1";
 const RESOLVE1_PATH: &str = "/org/freedesktop/resolve1";
 const RESOLVE1_MANAGER: &str = "org.freedesktop.resolve1.Manager";
+const RESOLVE1_LINK: &str = "org.freedesktop.resolve1.Link";
 
 /// Whether systemd-resolved owns its name on `conn`.
 pub(super) async fn resolved_on(conn: &zbus::Connection) -> bool {
@@ -86,6 +87,68 @@ impl Resolved {
             }
             other => other,
         }
+    }
+}
+
+impl Resolved {
+    /// Whether the link's settings in resolved are still what
+    /// [`apply`](Self::apply) set: servers, domains (with `~.` in a full
+    /// tunnel) and the default-route flag. Another program (`resolvectl
+    /// dns`, a network manager) may have changed them.
+    pub(super) async fn in_force(
+        &mut self,
+        ifindex: u32,
+        dns: &TunnelDns,
+    ) -> Result<bool, DnsError> {
+        let conn = self.bus("GetLink").await?;
+        let dbus = |method: &'static str| {
+            move |e: zbus::Error| DnsError::DBus {
+                method,
+                source: Box::new(e),
+            }
+        };
+        let reply = conn
+            .call_method(
+                Some(RESOLVE1),
+                RESOLVE1_PATH,
+                Some(RESOLVE1_MANAGER),
+                "GetLink",
+                &(ifindex as i32),
+            )
+            .await
+            .map_err(dbus("GetLink"))?;
+        let path: zbus::OwnedObjectPath = reply.body().deserialize().map_err(dbus("GetLink"))?;
+        let get = |property: &'static str| {
+            let conn = conn.clone();
+            let path = path.clone();
+            async move {
+                let reply = conn
+                    .call_method(
+                        Some(RESOLVE1),
+                        path.as_str(),
+                        Some("org.freedesktop.DBus.Properties"),
+                        "Get",
+                        &(RESOLVE1_LINK, property),
+                    )
+                    .await?;
+                let value: zbus::OwnedVariant = reply.body().deserialize()?;
+                Ok::<_, zbus::Error>(value)
+            }
+        };
+        let (servers, domains) = resolved_args(dns);
+        let now_servers: Vec<LinkDns> = get("DNS")
+            .await
+            .and_then(Vec::try_from)
+            .map_err(dbus("Get DNS"))?;
+        let now_domains: Vec<LinkDomain> = get("Domains")
+            .await
+            .and_then(Vec::try_from)
+            .map_err(dbus("Get Domains"))?;
+        let default_route: bool = get("DefaultRoute")
+            .await
+            .and_then(bool::try_from)
+            .map_err(dbus("Get DefaultRoute"))?;
+        Ok(now_servers == servers && now_domains == domains && default_route == dns.full_tunnel)
     }
 }
 
@@ -193,14 +256,73 @@ mod bus_tests {
         NoSuchLink(String),
     }
 
+    /// What the fake resolved holds for a link.
+    #[derive(Default)]
+    struct LinkState {
+        dns: Vec<LinkDns>,
+        domains: Vec<LinkDomain>,
+        default_route: bool,
+    }
+
+    type Links = Arc<Mutex<std::collections::BTreeMap<i32, LinkState>>>;
+
     struct FakeManager {
         calls: Arc<Mutex<Vec<String>>>,
+        links: Links,
     }
 
     impl FakeManager {
+        fn new(calls: Arc<Mutex<Vec<String>>>) -> Self {
+            FakeManager {
+                calls,
+                links: Links::default(),
+            }
+        }
         fn log(&self, call: String) {
             self.calls.lock().unwrap().push(call);
         }
+        fn link(&self, ifindex: i32, f: impl FnOnce(&mut LinkState)) {
+            f(self.links.lock().unwrap().entry(ifindex).or_default());
+        }
+    }
+
+    /// A link object, as resolved serves them at
+    /// /org/freedesktop/resolve1/link/_3N (the index's digits escaped).
+    struct FakeLink {
+        ifindex: i32,
+        links: Links,
+    }
+
+    impl FakeLink {
+        fn with<T>(&self, f: impl FnOnce(&LinkState) -> T) -> T {
+            let links = self.links.lock().unwrap();
+            f(links.get(&self.ifindex).unwrap_or(&LinkState::default()))
+        }
+    }
+
+    #[zbus::interface(name = "org.freedesktop.resolve1.Link")]
+    impl FakeLink {
+        #[zbus(property, name = "DNS")]
+        fn dns(&self) -> Vec<LinkDns> {
+            self.with(|l| l.dns.clone())
+        }
+        #[zbus(property, name = "Domains")]
+        fn domains(&self) -> Vec<LinkDomain> {
+            self.with(|l| l.domains.clone())
+        }
+        #[zbus(property, name = "DefaultRoute")]
+        fn default_route(&self) -> bool {
+            self.with(|l| l.default_route)
+        }
+    }
+
+    fn link_path(ifindex: i32) -> String {
+        let escaped: String = ifindex
+            .to_string()
+            .bytes()
+            .map(|b| format!("_{b:02x}"))
+            .collect();
+        format!("{RESOLVE1_PATH}/link/{escaped}")
     }
 
     #[zbus::interface(name = "org.freedesktop.resolve1.Manager")]
@@ -208,14 +330,33 @@ mod bus_tests {
         #[zbus(name = "SetLinkDNS")]
         fn set_link_dns(&self, ifindex: i32, addresses: Vec<(i32, Vec<u8>)>) {
             self.log(format!("SetLinkDNS {ifindex} {addresses:?}"));
+            self.link(ifindex, |l| l.dns = addresses);
         }
         #[zbus(name = "SetLinkDomains")]
         fn set_link_domains(&self, ifindex: i32, domains: Vec<(String, bool)>) {
             self.log(format!("SetLinkDomains {ifindex} {domains:?}"));
+            self.link(ifindex, |l| l.domains = domains);
         }
         #[zbus(name = "SetLinkDefaultRoute")]
         fn set_link_default_route(&self, ifindex: i32, enable: bool) {
             self.log(format!("SetLinkDefaultRoute {ifindex} {enable}"));
+            self.link(ifindex, |l| l.default_route = enable);
+        }
+        #[zbus(name = "GetLink")]
+        async fn get_link(
+            &self,
+            #[zbus(object_server)] server: &zbus::ObjectServer,
+            ifindex: i32,
+        ) -> Result<zbus::OwnedObjectPath, ResolveError> {
+            let path = link_path(ifindex);
+            let link = FakeLink {
+                ifindex,
+                links: self.links.clone(),
+            };
+            // Served on first request (an existing object stays).
+            let _ = server.at(path.as_str(), link).await;
+            zbus::OwnedObjectPath::try_from(path)
+                .map_err(|e| ResolveError::NoSuchLink(e.to_string()))
         }
         #[zbus(name = "RevertLink")]
         fn revert_link(&self, ifindex: i32) -> Result<(), ResolveError> {
@@ -245,12 +386,7 @@ mod bus_tests {
         let calls = Arc::new(Mutex::new(Vec::new()));
         let _server = zbus::connection::Builder::address(bus.address.as_str())
             .name(RESOLVE1)
-            .serve_at(
-                RESOLVE1_PATH,
-                FakeManager {
-                    calls: calls.clone(),
-                },
-            )
+            .serve_at(RESOLVE1_PATH, FakeManager::new(calls.clone()))
             .build()
             .await
             .unwrap();
@@ -308,5 +444,70 @@ mod bus_tests {
         };
         let err = m.apply("wg0", 7, &dns).await.unwrap_err();
         assert!(err.to_string().contains("SetLinkDNS"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_link_setting_another_program_changed_is_noticed() {
+        let bus = private_bus();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let _server = zbus::connection::Builder::address(bus.address.as_str())
+            .name(RESOLVE1)
+            .serve_at(RESOLVE1_PATH, FakeManager::new(calls.clone()))
+            .build()
+            .await
+            .unwrap();
+        let client = connect(&bus.address).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = DnsManager::new(dir.path().join("r"), dir.path().into(), Backend::Resolved)
+            .with_bus(client.clone());
+        let dns = TunnelDns {
+            servers: vec!["10.64.0.1".parse().unwrap()],
+            search: vec!["corp.example".into()],
+            full_tunnel: true,
+        };
+        m.apply("wg0", 7, &dns).await.unwrap();
+        assert!(m.in_force(7, &dns).await.unwrap());
+        // `resolvectl dns wg0 192.168.1.1` by someone else.
+        let other = connect(&bus.address).await;
+        let servers: Vec<LinkDns> = vec![(libc::AF_INET, vec![192, 168, 1, 1])];
+        other
+            .call_method(
+                Some(RESOLVE1),
+                RESOLVE1_PATH,
+                Some(RESOLVE1_MANAGER),
+                "SetLinkDNS",
+                &(7i32, servers),
+            )
+            .await
+            .unwrap();
+        assert!(!m.in_force(7, &dns).await.unwrap());
+        m.apply("wg0", 7, &dns).await.unwrap();
+        assert!(m.in_force(7, &dns).await.unwrap());
+        // The routing domain taken away: queries no longer all go to ours.
+        let domains: Vec<LinkDomain> = vec![("corp.example".into(), false)];
+        other
+            .call_method(
+                Some(RESOLVE1),
+                RESOLVE1_PATH,
+                Some(RESOLVE1_MANAGER),
+                "SetLinkDomains",
+                &(7i32, domains),
+            )
+            .await
+            .unwrap();
+        assert!(!m.in_force(7, &dns).await.unwrap());
+        m.apply("wg0", 7, &dns).await.unwrap();
+        // The default-route flag.
+        other
+            .call_method(
+                Some(RESOLVE1),
+                RESOLVE1_PATH,
+                Some(RESOLVE1_MANAGER),
+                "SetLinkDefaultRoute",
+                &(7i32, false),
+            )
+            .await
+            .unwrap();
+        assert!(!m.in_force(7, &dns).await.unwrap());
     }
 }

@@ -266,30 +266,50 @@ impl Worker {
         Ok(())
     }
 
-    /// resolv.conf may have changed: when the file backend's is no longer
-    /// ours (a DHCP client, a network manager wrote over it), the
-    /// tunnel's DNS is put back and the other file kept as the network's
-    /// (restored when the tunnel goes down). A program that keeps
-    /// rewriting it is reported, not raced forever ([`dns::Reasserts`]).
+    /// The tunnel's DNS may have been changed by another program (the
+    /// file backend's resolv.conf replaced by a DHCP client, resolvconf's
+    /// entry deleted or outranked, the link's settings in
+    /// systemd-resolved changed): when it is no longer in force it is put
+    /// back (the file backend keeps the other file as the network's,
+    /// restored when the tunnel goes down). A program that keeps changing
+    /// it is reported, not raced forever ([`dns::Reasserts`]), and so is
+    /// a change that putting back does not undo (another program's DNS
+    /// takes precedence).
     pub async fn check_dns(&mut self) {
-        let Some(shell) = &self.dns else { return };
-        if !self.up || !shell.applied || shell.manager.backend() != dns::Backend::File {
+        let Some(shell) = &mut self.dns else { return };
+        if !self.up || !shell.applied {
             return;
         }
-        match dns::resolv_conf_is_ours(&shell.resolv_conf) {
+        let index = rtnl::link_index(&self.plan.ifname).unwrap_or(0);
+        let tunnel_dns = dns::TunnelDns {
+            servers: self.plan.dns_servers.clone(),
+            search: self.plan.dns_search.clone(),
+            full_tunnel: self.plan.full.is_some(),
+        };
+        match shell.manager.in_force(index, &tunnel_dns).await {
             Ok(true) => return,
             Ok(false) => {}
             Err(e) => {
-                warn!(interface = %self.plan.ifname, "cannot read resolv.conf: {e}");
+                warn!(interface = %self.plan.ifname, "cannot check the tunnel's DNS: {e}");
                 return;
             }
         }
+        let backend = shell.manager.backend();
+        let what = match backend {
+            dns::Backend::File => format!("{} was replaced", shell.resolv_conf.display()),
+            dns::Backend::Resolvconf => format!(
+                "the tunnel's servers are no longer first in {} (resolvconf)",
+                shell.resolv_conf.display()
+            ),
+            dns::Backend::Resolved => {
+                "systemd-resolved's settings for the tunnel's link were changed".to_owned()
+            }
+        };
         let had_given_up = self.reasserts.gave_up;
         if !self.reasserts.allow(std::time::Instant::now()) {
             if !had_given_up {
                 let why = format!(
-                    "{} keeps being replaced by another program ({} times within {} s); vaned stopped putting the tunnel's DNS back",
-                    shell.resolv_conf.display(),
+                    "{what}, by another program, {} times within {} s; vaned stopped putting the tunnel's DNS back",
                     dns::REASSERT_MAX + 1,
                     dns::REASSERT_WINDOW.as_secs()
                 );
@@ -301,19 +321,36 @@ impl Worker {
             }
             return;
         }
-        warn!(interface = %self.plan.ifname, path = %shell.resolv_conf.display(), "resolv.conf was replaced while the tunnel's DNS is on: put back (the other file is kept as the network's)");
-        let index = rtnl::link_index(&self.plan.ifname).unwrap_or(0);
+        warn!(interface = %self.plan.ifname, backend = ?backend, "{what} while the tunnel's DNS is on: put back");
         let error = match self.apply_dns(index).await {
-            Ok(()) => None,
             Err(e) => {
                 error!(interface = %self.plan.ifname, "cannot put the tunnel's DNS back: {e}");
                 Some(format!("cannot put the tunnel's DNS back: {e}"))
             }
+            Ok(()) => match self.dns.as_mut() {
+                Some(shell) => match shell.manager.in_force(index, &tunnel_dns).await {
+                    Ok(false) => {
+                        let why = format!("{what}, and putting it back did not help: another program's DNS takes precedence");
+                        error!(interface = %self.plan.ifname, "{why}");
+                        Some(why)
+                    }
+                    _ => None,
+                },
+                None => None,
+            },
         };
         let _ = self.reports.send(Report::Dns {
             reasserted: self.reasserts.total,
             error,
         });
+    }
+
+    /// Whether the tunnel's DNS goes through systemd-resolved, whose
+    /// changes vaned is not told of: polled (see daemon.rs).
+    pub fn dns_polled(&self) -> bool {
+        self.dns
+            .as_ref()
+            .is_some_and(|d| d.applied && d.manager.backend() == dns::Backend::Resolved)
     }
 
     /// Takes the tunnel's DNS away, restoring what was there exactly.
