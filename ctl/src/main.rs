@@ -74,6 +74,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Behind a captive portal: `open` (the default) takes the tunnel down
+    /// and lets out only the network's DNS and the portal's addresses
+    /// (TCP 80, 443) so you can log in, until the check passes or the time
+    /// is up; `close` ends it now.
+    Portal {
+        #[arg(value_enum, default_value = "open")]
+        action: OpenClose,
+        #[arg(long)]
+        json: bool,
+    },
     /// The underlying network as vaned sees it.
     Network(JsonFlag),
     /// Stream network and status changes until interrupted.
@@ -121,6 +131,12 @@ enum OnOff {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum OpenClose {
+    Open,
+    Close,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum TypeArg {
     Wifi,
     Ethernet,
@@ -132,6 +148,12 @@ enum TypeArg {
 enum IntentArg {
     Up,
     Down,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum YesNo {
+    Yes,
+    No,
 }
 
 #[derive(Args)]
@@ -163,6 +185,10 @@ struct TestArgs {
     /// On-demand switched off by the user.
     #[arg(long)]
     on_demand_disabled: bool,
+    /// Whether the network is behind a captive portal (not given: not
+    /// known, as before vaned's check answers).
+    #[arg(long = "captive-portal", value_enum)]
+    captive_portal: Option<YesNo>,
     /// No usable network at all.
     #[arg(long)]
     no_network: bool,
@@ -191,6 +217,13 @@ fn main() -> ExitCode {
             &socket,
             ctl::Command::Lockdown {
                 engaged: matches!(state, OnOff::On),
+            },
+            json,
+        ),
+        Command::Portal { action, json } => control(
+            &socket,
+            ctl::Command::Portal {
+                open: matches!(action, OpenClose::Open),
             },
             json,
         ),
@@ -398,6 +431,7 @@ fn test(args: TestArgs) -> ExitCode {
         ssid,
         dns_search_domains: args.dns_domains.clone(),
         dns_servers: args.dns_servers.clone(),
+        captive_portal: args.captive_portal.map(|c| c == YesNo::Yes),
     };
     let intent = UserIntent {
         on_demand_disabled: args.on_demand_disabled,

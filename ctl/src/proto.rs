@@ -86,6 +86,11 @@ pub enum Command {
     /// Engage or release the full tunnel's lockdown (persisted): released,
     /// traffic may leave unprotected while the tunnel is down.
     Lockdown { engaged: bool },
+    /// Open (or close) the captive portal exemption: the tunnel goes down
+    /// and only the network's DNS and the portal's addresses (TCP 80 and
+    /// 443) are let out, until the check passes, the time is up, or this
+    /// closes it.
+    Portal { open: bool },
 }
 
 impl Command {
@@ -108,6 +113,7 @@ impl Command {
             Command::OnDemand { .. } => "on-demand",
             Command::Reload {} => "reload",
             Command::Lockdown { .. } => "lockdown",
+            Command::Portal { .. } => "portal",
         }
     }
 }
@@ -362,6 +368,48 @@ pub struct NetworkView {
     pub dns_search_domains: Vec<String>,
     pub ipv4: Option<Uplink>,
     pub ipv6: Option<Uplink>,
+    /// What the captive portal check found on this network (absent from a
+    /// vaned without it, and from `network` events).
+    #[serde(default)]
+    pub captive_portal: Option<PortalView>,
+}
+
+/// The captive portal check on the current network, and the exemption.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortalView {
+    /// `checking` (no answer yet), `none`, `portal`, `unknown` (the check
+    /// got no answer), or `off` (`enabled = false`).
+    pub state: PortalState,
+    /// The portal's page (the check's redirect, or the check URL where the
+    /// portal answered it itself).
+    pub url: Option<String>,
+    /// What the check saw, in words.
+    pub detail: Option<String>,
+    /// Unix time (seconds) of the last answer.
+    pub checked: Option<u64>,
+    /// The exemption, while open.
+    pub exemption: Option<ExemptionView>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PortalState {
+    Checking,
+    None,
+    Portal,
+    Unknown,
+    Off,
+}
+
+/// An open captive portal exemption.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExemptionView {
+    /// Unix time (seconds) it closes at the latest.
+    pub until: u64,
+    /// The network's DNS servers it lets queries go to.
+    pub dns_servers: Vec<IpAddr>,
+    /// The portal's addresses it lets TCP 80 and 443 go to.
+    pub portal_addresses: Vec<IpAddr>,
 }
 
 impl From<&NetworkSnapshot> for NetworkView {
@@ -377,6 +425,7 @@ impl From<&NetworkSnapshot> for NetworkView {
             dns_search_domains: s.dns.search_domains.clone(),
             ipv4: s.ipv4.clone(),
             ipv6: s.ipv6.clone(),
+            captive_portal: None,
         }
     }
 }

@@ -87,6 +87,9 @@ pub fn network(n: &NetworkView) -> String {
             n.dns_search_domains.join(" ")
         }
     );
+    if let Some(p) = &n.captive_portal {
+        s.push_str(&portal(p));
+    }
     s
 }
 
@@ -215,6 +218,45 @@ pub fn event(e: &Event, now: SystemTime) -> String {
         Event::Woke { slept: Some(s) } => format!("the machine woke up (slept {s} s)"),
         Event::Woke { slept: None } => "the machine woke up".to_owned(),
     }
+}
+
+/// The captive portal check's line (and the exemption's).
+fn portal(p: &vane_ctl::proto::PortalView) -> String {
+    use vane_ctl::proto::PortalState;
+    let mut s = match p.state {
+        PortalState::Checking => "  captive portal: checking\n".to_owned(),
+        PortalState::None => "  captive portal: none\n".to_owned(),
+        PortalState::Off => "  captive portal: not checked (off)\n".to_owned(),
+        PortalState::Unknown => format!(
+            "  captive portal: unknown ({})\n",
+            p.detail.as_deref().unwrap_or("no answer")
+        ),
+        PortalState::Portal => format!(
+            "  captive portal: {} ({}){}\n",
+            p.url.as_deref().unwrap_or("-"),
+            p.detail.as_deref().unwrap_or("-"),
+            if p.exemption.is_none() {
+                "; `vanectl portal` lets you log in"
+            } else {
+                ""
+            }
+        ),
+    };
+    if let Some(e) = &p.exemption {
+        let list = |a: &[std::net::IpAddr]| {
+            a.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        s.push_str(&format!(
+            "  exemption open until {} (unix time): DNS to {}, TCP 80/443 to {}; the tunnel is down meanwhile (`vanectl portal close` ends it)\n",
+            e.until,
+            list(&e.dns_servers),
+            list(&e.portal_addresses)
+        ));
+    }
+    s
 }
 
 /// The kill switch in a few words.

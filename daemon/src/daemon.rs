@@ -92,6 +92,8 @@ enum WorkerMsg {
     HoldOnExit(bool),
     /// The machine woke up: the tunnel handshakes at once.
     Wake,
+    /// Opens or closes the kill switch's captive portal exemption.
+    Portal(Option<crate::net::killswitch::PortalExemption>),
 }
 
 /// How the loop ended.
@@ -160,6 +162,19 @@ struct Daemon {
     /// When the last wake was handled (logind and the clocks both report
     /// one wake; the second is not acted on again).
     last_wake: Option<Instant>,
+    /// The captive portal check and exemption on the current network.
+    portal: crate::portal::Portal,
+    portal_done: mpsc::UnboundedSender<PortalDone>,
+    /// The tunnel is down for a captive portal exemption while the rules
+    /// want it up (the kill switch stays).
+    down_for_portal: bool,
+}
+
+/// A captive portal check's answer, on its way back to the loop.
+struct PortalDone {
+    network: String,
+    seq: u64,
+    found: crate::portal::Found,
 }
 
 /// Converts the observer's snapshot to what the rule engine reads.
@@ -172,6 +187,7 @@ pub fn policy_view(s: &vane_observer::NetworkSnapshot) -> engine::NetworkSnapsho
         ssid: primary.and_then(|u| u.ssid.clone()),
         dns_search_domains: s.dns.search_domains.clone(),
         dns_servers: s.dns.servers.clone(),
+        captive_portal: None,
     }
 }
 
@@ -318,6 +334,7 @@ pub async fn run(options: Options) -> Result<Exit> {
     }
 
     let (probes_tx, mut probes_done) = mpsc::unbounded_channel::<probe::Done>();
+    let (portal_tx, mut portal_rx) = mpsc::unbounded_channel::<PortalDone>();
     let (worker_tx, mut worker_rx) = mpsc::unbounded_channel::<WorkerMsg>();
     worker.set_dns(crate::tunnel::TunnelDnsShell {
         manager: dns,
@@ -353,6 +370,7 @@ pub async fn run(options: Options) -> Result<Exit> {
                 }
                 WorkerMsg::HoldOnExit(hold) => hold_on_exit = hold,
                 WorkerMsg::Wake => worker.wake(),
+                WorkerMsg::Portal(p) => worker.set_portal(p),
                 WorkerMsg::HandOver => {
                     worker.hand_over();
                     return;
@@ -419,6 +437,7 @@ pub async fn run(options: Options) -> Result<Exit> {
         });
 
     let now = Instant::now();
+    let rules_portal = rules.rules().captive_portal.clone();
     let mut d = Daemon {
         decision: engine::decide(
             rules.rules(),
@@ -458,6 +477,9 @@ pub async fn run(options: Options) -> Result<Exit> {
         sleep_ready: None,
         down_for_sleep: false,
         last_wake: None,
+        portal: crate::portal::Portal::new(rules_portal.enabled, &rules_portal.check_url),
+        portal_done: portal_tx,
+        down_for_portal: false,
     };
     d.watch_config();
     if let Some(found) = adoptable {
@@ -511,6 +533,7 @@ pub async fn run(options: Options) -> Result<Exit> {
     loop {
         let timer = d.supervisor.timer();
         let probe_refresh = d.prober.next_refresh();
+        let portal_next = d.portal.next_event(Instant::now());
         tokio::select! {
             change = network_changes.recv() => match change {
                 Ok(change) => {
@@ -583,6 +606,10 @@ pub async fn run(options: Options) -> Result<Exit> {
             _ = async { tokio::time::sleep_until(timer.unwrap_or_else(Instant::now).into()).await }, if timer.is_some() => {
                 let actions = d.supervisor.timer_fired(Instant::now());
                 d.dispatch(actions);
+            }
+            Some(done) = portal_rx.recv() => d.portal_checked(done),
+            _ = async { tokio::time::sleep_until(portal_next.unwrap_or_else(Instant::now).into()).await }, if portal_next.is_some() => {
+                d.portal_due();
             }
             Some(power) = power_rx.recv() => match power {
                 Power::Sleeping { ready } => d.going_to_sleep(ready),
@@ -676,7 +703,15 @@ impl Daemon {
     fn evaluate(&mut self) {
         let now = Instant::now();
         let snapshot = self.observer.snapshot();
-        let net = policy_view(&snapshot);
+        let mut net = policy_view(&snapshot);
+        let key = snapshot
+            .available
+            .then(|| crate::probe::network_key(&snapshot, &net));
+        if let Some(closed) = self.portal.set_network(key.as_deref()) {
+            self.portal_closed(closed);
+        }
+        self.start_portal_check(&snapshot);
+        net.captive_portal = self.portal.captive();
         let probes = self.prober.results(&snapshot, &net);
         let decision = engine::decide(self.rules.rules(), &net, &self.intent, &probes);
         self.prober.start(
@@ -703,6 +738,7 @@ impl Daemon {
             return;
         }
         let asleep = self.power.asleep && self.rules.rules().tunnel.disconnect_on_sleep;
+        let exempt = self.portal.exemption().is_some();
         let actions = match self.decision.desired {
             // Down until the wake, the kill switch kept as for a tunnel
             // that is up.
@@ -710,15 +746,133 @@ impl Daemon {
                 self.down_for_sleep = true;
                 self.supervisor.want(false, now)
             }
+            // Down while the user logs in to the portal, likewise.
+            Desired::Up if exempt => {
+                self.down_for_portal = true;
+                self.supervisor.want(false, now)
+            }
             Desired::Up if self.plan_error.is_none() => self.supervisor.want(true, now),
             Desired::Up => Vec::new(),
             Desired::Down => {
                 self.down_for_sleep = false;
+                self.down_for_portal = false;
                 self.supervisor.want(false, now)
             }
             Desired::Unchanged => Vec::new(),
         };
         self.dispatch(actions);
+    }
+
+    /// Starts the captive portal check when one is due (a new network,
+    /// a wake, a portal to watch for the login).
+    fn start_portal_check(&mut self, snapshot: &vane_observer::NetworkSnapshot) {
+        let Some((network, seq)) = self.portal.start(Instant::now()) else {
+            return;
+        };
+        let url = self.portal.check_url().to_owned();
+        let route = crate::probe::fetch::Route::uplinks(snapshot, self.plan.device.fwmark);
+        let servers = snapshot.dns.servers.clone();
+        let done = self.portal_done.clone();
+        debug!(url, "captive portal check");
+        tokio::spawn(async move {
+            let found = crate::portal::check::check(&url, &route, &servers).await;
+            let _ = done.send(PortalDone {
+                network,
+                seq,
+                found,
+            });
+        });
+    }
+
+    /// A check or the exemption's end is due.
+    fn portal_due(&mut self) {
+        if let Some(closed) = self.portal.expire(Instant::now()) {
+            self.portal_closed(closed);
+            self.evaluate();
+            return;
+        }
+        let snapshot = self.observer.snapshot();
+        self.start_portal_check(&snapshot);
+    }
+
+    fn portal_checked(&mut self, done: PortalDone) {
+        let before = self.portal.captive();
+        let found = done.found.clone();
+        let (taken, closed) = self.portal.complete(
+            &done.network,
+            done.seq,
+            done.found,
+            Instant::now(),
+            SystemTime::now(),
+        );
+        if !taken {
+            return;
+        }
+        match &found {
+            crate::portal::Found::Portal { url, detail, .. } if before != Some(true) => {
+                warn!(url, detail, "a captive portal: `vanectl portal` lets you log in (the tunnel stays down meanwhile)")
+            }
+            crate::portal::Found::Open if before == Some(true) => {
+                info!("the captive portal lets us through now")
+            }
+            crate::portal::Found::Unknown { detail } => {
+                debug!(detail, "captive portal check: no answer")
+            }
+            _ => debug!(?found, "captive portal check"),
+        }
+        if let Some(closed) = closed {
+            self.portal_closed(closed);
+        }
+        self.evaluate();
+    }
+
+    /// The exemption closed: the kill switch lets only the tunnel out
+    /// again, and the rules bring the tunnel back.
+    fn portal_closed(&mut self, why: crate::portal::Closed) {
+        info!("captive portal exemption closed: {why}");
+        let _ = self.worker.send(WorkerMsg::Portal(None));
+        let restore = std::mem::take(&mut self.down_for_portal);
+        if restore && self.decision.desired == Desired::Unchanged && self.plan_error.is_none() {
+            let actions = self.supervisor.want(true, Instant::now());
+            self.dispatch(actions);
+        }
+    }
+
+    /// `vanectl portal`: opens the exemption, or closes it.
+    fn portal_command(&mut self, open: bool) -> Result<(), ProtoError> {
+        if !open {
+            if let Some(closed) = self.portal.close() {
+                self.portal_closed(closed);
+                self.evaluate();
+            }
+            return Ok(());
+        }
+        let now = Instant::now();
+        let length =
+            std::time::Duration::from_secs(self.rules.rules().captive_portal.exemption_seconds);
+        let servers = self.observer.snapshot().dns.servers.clone();
+        let exemption = self
+            .portal
+            .open(now, SystemTime::now(), length, servers)
+            .map_err(|message| ProtoError {
+                code: ErrorCode::Failed,
+                message,
+            })?
+            .clone();
+        info!(
+            dns = ?exemption.dns_servers,
+            portal = ?exemption.portal_addresses,
+            seconds = length.as_secs(),
+            "captive portal exemption open: the tunnel goes down, and only the network's DNS and the portal's addresses (TCP 80, 443) are let out"
+        );
+        let _ = self.worker.send(WorkerMsg::Portal(Some(
+            crate::net::killswitch::PortalExemption {
+                dns_servers: exemption.dns_servers,
+                portal_addresses: exemption.portal_addresses,
+            },
+        )));
+        self.evaluate();
+        Ok(())
     }
 
     /// logind announced that the machine is about to sleep: with
@@ -773,6 +927,7 @@ impl Daemon {
         let restore = std::mem::take(&mut self.down_for_sleep);
         self.observer.resync();
         self.prober.expire_all();
+        self.portal.recheck();
         let _ = self.worker.send(WorkerMsg::Wake);
         self.evaluate();
         if restore && self.decision.desired == Desired::Unchanged && self.plan_error.is_none() {
@@ -790,7 +945,7 @@ impl Daemon {
         self.lockdown()
             || (self.plan.full.is_some()
                 && !self.shutting_down
-                && (self.supervisor.wants_up() || self.down_for_sleep))
+                && (self.supervisor.wants_up() || self.down_for_sleep || self.down_for_portal))
     }
 
     /// Lockdown in force: the rule file's `lockdown = true` for a full
@@ -811,6 +966,8 @@ impl Daemon {
             fwmark: ft.fwmark,
             allow_nets: crate::net::routing::kill_switch_allowed(&ft, &[]),
             block_dns: !self.plan.dns_servers.is_empty(),
+            // Never kept for the next boot: it is for this network now.
+            portal: None,
         })
     }
 
@@ -949,6 +1106,10 @@ impl Daemon {
                 error!("interface overrides: {e}");
             });
         self.watch_config();
+        let cp = self.rules.rules().captive_portal.clone();
+        if let Some(closed) = self.portal.configure(cp.enabled, &cp.check_url) {
+            self.portal_closed(closed);
+        }
         self.replan();
         self.evaluate();
         if self.plan_error.is_some() {
@@ -1017,7 +1178,10 @@ impl Daemon {
             Command::Watch {} => Ok(Reply::Watching),
             Command::Status {} => Ok(Reply::Status(self.status())),
             Command::Network {} => Ok(Reply::Network {
-                network: NetworkView::from(&self.observer.snapshot()),
+                network: NetworkView {
+                    captive_portal: self.portal.view(),
+                    ..NetworkView::from(&self.observer.snapshot())
+                },
             }),
             Command::Up {} | Command::Down {} => {
                 let want = if command == (Command::Up {}) {
@@ -1055,6 +1219,10 @@ impl Daemon {
                 let mut intent = self.intent.clone();
                 intent.lockdown_released = !engaged;
                 self.set_intent(intent)?;
+                Ok(Reply::Status(self.status()))
+            }
+            Command::Portal { open } => {
+                self.portal_command(open)?;
                 Ok(Reply::Status(self.status()))
             }
             Command::Reload {} => {
@@ -1106,7 +1274,10 @@ impl Daemon {
                 probes_needed: self.decision.probes_needed.clone(),
                 probes: self.prober.view(),
             },
-            network: NetworkView::from(&self.observer.snapshot()),
+            network: NetworkView {
+                captive_portal: self.portal.view(),
+                ..NetworkView::from(&self.observer.snapshot())
+            },
             intent: IntentView {
                 on_demand: rules.on_demand && !self.intent.on_demand_disabled,
                 persisted: self.intent.clone(),
@@ -1158,6 +1329,7 @@ impl Daemon {
                 || last.intent != status.intent
                 || last.rules != status.rules
                 || last.daemon.power != status.daemon.power
+                || last.network.captive_portal != status.network.captive_portal
         });
         if changed {
             let line = match &self.plan_error {

@@ -27,6 +27,7 @@ mod control;
 mod daemon;
 mod dns;
 mod net;
+mod portal;
 mod probe;
 mod sleep;
 mod state;

@@ -43,6 +43,11 @@ pub struct NetworkSnapshot {
     pub dns_search_domains: Vec<String>,
     #[serde(default)]
     pub dns_servers: Vec<IpAddr>,
+    /// What vaned's captive portal check found: `Some(true)` a portal,
+    /// `Some(false)` none, `None` not known (not checked yet, no answer,
+    /// or the check is off).
+    #[serde(default)]
+    pub captive_portal: Option<bool>,
 }
 
 impl NetworkSnapshot {
@@ -301,6 +306,13 @@ fn match_rule(rule: &Rule, net: &NetworkSnapshot, probes: &Probes) -> RuleMatch 
         match hit {
             Some((a, n)) => matched.push(format!("DNS server {a} is in {n}")),
             None => return RuleMatch::No,
+        }
+    }
+    if let Some(want) = rule.captive_portal {
+        match net.captive_portal {
+            Some(true) if want => matched.push("a captive portal was detected".to_owned()),
+            Some(false) if !want => matched.push("no captive portal".to_owned()),
+            _ => return RuleMatch::No,
         }
     }
     if let Some(url) = &rule.probe_url {

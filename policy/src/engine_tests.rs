@@ -21,6 +21,7 @@ fn wifi(ssid: &[u8]) -> NetworkSnapshot {
         ssid: Some(Ssid(ssid.to_vec())),
         dns_search_domains: vec![],
         dns_servers: vec![],
+        captive_portal: None,
     }
 }
 
@@ -32,6 +33,7 @@ fn wired() -> NetworkSnapshot {
         ssid: None,
         dns_search_domains: vec!["Corp.Example.COM.".into()],
         dns_servers: vec!["10.1.2.3".parse().unwrap()],
+        captive_portal: None,
     }
 }
 
@@ -284,6 +286,7 @@ fn arb_net() -> impl Strategy<Value = NetworkSnapshot> {
             ssid,
             dns_search_domains: domains,
             dns_servers: servers,
+            captive_portal: None,
         })
 }
 
@@ -343,4 +346,21 @@ proptest! {
     fn arbitrary_files_never_panic(text in "(?s).{0,300}") {
         let _ = parse(&text, Path::new("x.toml"));
     }
+}
+
+#[test]
+fn a_rule_can_match_a_captive_portal() {
+    let r = rules(
+        "[[on_demand.rule]]\naction = \"disconnect\"\ncaptive_portal = true\n\n\
+         [[on_demand.rule]]\naction = \"connect\"\n",
+    );
+    let mut net = wifi(b"Cafe");
+    // Not known yet: the rule does not match.
+    assert_eq!(d(&r, &net).rule, Some(2));
+    net.captive_portal = Some(true);
+    let dec = d(&r, &net);
+    assert_eq!(dec.rule, Some(1));
+    assert!(dec.to_string().contains("captive portal"), "{dec}");
+    net.captive_portal = Some(false);
+    assert_eq!(d(&r, &net).rule, Some(2));
 }

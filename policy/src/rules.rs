@@ -92,6 +92,19 @@ struct RawFile {
     on_demand: Option<Spanned<RawOnDemand>>,
     #[serde(default)]
     interfaces: IndexMap<Spanned<String>, Spanned<String>>,
+    #[serde(default)]
+    captive_portal: Option<Spanned<RawCaptivePortal>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCaptivePortal {
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default)]
+    check_url: Option<Spanned<String>>,
+    #[serde(default)]
+    exemption_seconds: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -170,6 +183,8 @@ struct RawRule {
     dns_server: Option<OneOrMany>,
     #[serde(default)]
     probe_url: Option<Spanned<String>>,
+    #[serde(default)]
+    captive_portal: Option<bool>,
 }
 
 // ---- the validated rules -------------------------------------------------
@@ -186,6 +201,52 @@ pub struct TunnelSection {
     /// `disconnectOnSleep`); the rules bring it back on wake. The kill
     /// switch stays as the rules want it meanwhile.
     pub disconnect_on_sleep: bool,
+}
+
+/// `[captive_portal]`: how vaned checks for a captive portal on each new
+/// network, and how long `vanectl portal` lets the user log in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CaptivePortalSection {
+    /// Check at all (default true).
+    pub enabled: bool,
+    /// Answers HTTP 204 (or 200 with an empty body) where there is no
+    /// portal; a portal redirects it or answers with its own page.
+    pub check_url: String,
+    /// How long an exemption (`vanectl portal`) lasts at most.
+    pub exemption_seconds: u64,
+}
+
+/// The check URL unless `check_url` says otherwise: answers 204 with no
+/// body (Ubuntu's, which NetworkManager and GNOME use).
+pub const DEFAULT_CHECK_URL: &str = "http://connectivity-check.ubuntu.com/";
+/// The exemption's length unless `exemption_seconds` says otherwise.
+pub const DEFAULT_EXEMPTION_SECONDS: u64 = 300;
+/// The longest exemption the file may ask for.
+pub const MAX_EXEMPTION_SECONDS: u64 = 3600;
+
+impl Default for CaptivePortalSection {
+    fn default() -> Self {
+        CaptivePortalSection {
+            enabled: true,
+            check_url: DEFAULT_CHECK_URL.to_owned(),
+            exemption_seconds: DEFAULT_EXEMPTION_SECONDS,
+        }
+    }
+}
+
+/// Whether `url` is an http:// or https:// URL with a host and no
+/// whitespace (the probe's own parser checks the rest).
+fn http_url(url: &str) -> bool {
+    ["http://", "https://"].iter().any(|scheme| {
+        // `get`, not indexing: the URL may have a multi-byte character
+        // where the scheme would end.
+        url.get(..scheme.len())
+            .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+            && url
+                .get(scheme.len()..)
+                .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
+            && !url.chars().any(char::is_whitespace)
+    })
 }
 
 /// A pattern as written and its compiled form.
@@ -243,6 +304,8 @@ pub struct Rule {
     pub dns_search_domain: Option<Vec<Pattern>>,
     pub dns_server: Option<Vec<IpNet>>,
     pub probe_url: Option<String>,
+    /// Whether vaned's check finds the network behind a captive portal.
+    pub captive_portal: Option<bool>,
     /// Line of the rule in the file, for messages.
     pub line: usize,
 }
@@ -254,6 +317,7 @@ impl Rule {
             || self.dns_search_domain.is_some()
             || self.dns_server.is_some()
             || self.probe_url.is_some()
+            || self.captive_portal.is_some()
     }
 
     /// The rule in one line, as an admin wrote it.
@@ -294,6 +358,9 @@ impl Rule {
         if let Some(u) = &self.probe_url {
             parts.push(format!("probe_url = {u:?}"));
         }
+        if let Some(c) = self.captive_portal {
+            parts.push(format!("captive_portal = {c}"));
+        }
         parts.join(", ")
     }
 }
@@ -308,6 +375,8 @@ pub struct RuleSet {
     pub rules: Vec<Rule>,
     /// `[interfaces]`: name glob -> type, first match wins.
     pub interfaces: Vec<(Pattern, InterfaceType)>,
+    /// `[captive_portal]`.
+    pub captive_portal: CaptivePortalSection,
     /// Things worth saying that do not refuse the file.
     pub warnings: Vec<String>,
 }
@@ -460,6 +529,39 @@ pub fn parse(text: &str, file: &Path) -> Result<RuleSet, RulesError> {
         }
     }
 
+    // [captive_portal]
+    let mut captive_portal = CaptivePortalSection::default();
+    if let Some(cp) = raw.captive_portal {
+        let cp = cp.into_inner();
+        captive_portal.enabled = cp.enabled;
+        if let Some(u) = cp.check_url {
+            if http_url(u.get_ref()) {
+                captive_portal.check_url = u.get_ref().clone();
+            } else {
+                err_at(
+                    u.span().start,
+                    format!(
+                        "check_url {:?} is not an http:// or https:// URL with a host",
+                        u.get_ref()
+                    ),
+                );
+            }
+        }
+        if let Some(s) = cp.exemption_seconds {
+            if (10..=MAX_EXEMPTION_SECONDS).contains(s.get_ref()) {
+                captive_portal.exemption_seconds = *s.get_ref();
+            } else {
+                err_at(
+                    s.span().start,
+                    format!(
+                        "exemption_seconds = {} is out of range (10 to {MAX_EXEMPTION_SECONDS})",
+                        s.get_ref()
+                    ),
+                );
+            }
+        }
+    }
+
     // [on_demand]
     let mut warnings = Vec::new();
     let (enabled, user_override, raw_rules, od_span) = match raw.on_demand {
@@ -490,6 +592,7 @@ pub fn parse(text: &str, file: &Path) -> Result<RuleSet, RulesError> {
             dns_search_domain: None,
             dns_server: None,
             probe_url: None,
+            captive_portal: None,
             line,
         };
         if let Some(v) = r.interface {
@@ -588,17 +691,7 @@ pub fn parse(text: &str, file: &Path) -> Result<RuleSet, RulesError> {
         }
         if let Some(u) = r.probe_url {
             let url = u.get_ref();
-            let ok = ["http://", "https://"].iter().any(|scheme| {
-                // `get`, not indexing: the URL may have a multi-byte
-                // character where the scheme would end.
-                url.get(..scheme.len())
-                    .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
-                    && url
-                        .get(scheme.len()..)
-                        .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
-                    && !url.chars().any(char::is_whitespace)
-            });
-            if !ok {
+            if !http_url(url) {
                 err_at(
                     u.span().start,
                     format!("probe_url {url:?} is not an http:// or https:// URL with a host"),
@@ -606,6 +699,7 @@ pub fn parse(text: &str, file: &Path) -> Result<RuleSet, RulesError> {
             }
             rule.probe_url = Some(url.clone());
         }
+        rule.captive_portal = r.captive_portal;
         if !rule.has_conditions() && i + 1 < count {
             err_at(
                 start,
@@ -634,6 +728,7 @@ pub fn parse(text: &str, file: &Path) -> Result<RuleSet, RulesError> {
         user_override,
         rules,
         interfaces,
+        captive_portal,
         warnings,
     })
 }

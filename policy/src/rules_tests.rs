@@ -151,7 +151,7 @@ fn golden_errors() {
         ),
         (
             format!("{HEAD}{od}[[on_demand.rule]]\naction = \"connect\"\nssid = \"x\"\nssid_typo = \"y\"\n"),
-            vec!["/etc/vane/vane.toml:9:1: unknown field `ssid_typo`, expected one of `action`, `interface`, `ssid`, `dns_search_domain`, `dns_server`, `probe_url`"],
+            vec!["/etc/vane/vane.toml:9:1: unknown field `ssid_typo`, expected one of `action`, `interface`, `ssid`, `dns_search_domain`, `dns_server`, `probe_url`, `captive_portal`"],
         ),
     ];
     for (text, want) in cases {
@@ -174,4 +174,45 @@ fn a_missing_catch_all_is_a_warning() {
     );
     let r = check(&text).unwrap();
     assert_eq!(r.warnings.len(), 1);
+}
+
+#[test]
+fn the_captive_portal_section_is_checked() {
+    let head = "[tunnel]\ninterface = \"vane0\"\nconfig = \"/etc/vane/vane0.conf\"\n";
+    let r = parse(head, Path::new("/x.toml")).unwrap();
+    assert_eq!(r.captive_portal, CaptivePortalSection::default());
+    assert!(r.captive_portal.enabled);
+    let r = parse(
+        &format!("{head}[captive_portal]\nenabled = false\ncheck_url = \"http://check.example/204\"\nexemption_seconds = 120\n"),
+        Path::new("/x.toml"),
+    )
+    .unwrap();
+    assert_eq!(
+        r.captive_portal,
+        CaptivePortalSection {
+            enabled: false,
+            check_url: "http://check.example/204".into(),
+            exemption_seconds: 120,
+        }
+    );
+    for (bad, needle) in [
+        (
+            "check_url = \"ftp://x/\"",
+            "check_url \"ftp://x/\" is not an http://",
+        ),
+        (
+            "exemption_seconds = 5",
+            "exemption_seconds = 5 is out of range",
+        ),
+        ("exemption_seconds = 86400", "out of range"),
+        ("colour = 1", "unknown field `colour`"),
+    ] {
+        let e = parse(
+            &format!("{head}[captive_portal]\n{bad}\n"),
+            Path::new("/x.toml"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains(needle), "{bad}: {e}");
+        assert!(e.to_string().contains("/x.toml:5:"), "{bad}: {e}");
+    }
 }

@@ -216,9 +216,17 @@ impl Lab {
     }
 
     /// Replaces the rule file the way editors do: a new file renamed over
-    /// the old one.
+    /// the old one. A file without a `[captive_portal]` section gets one
+    /// that switches the check off: its DNS query and HTTP request leave
+    /// outside the tunnel by design, and a lab's leak counters would count
+    /// them (tests/tests/portal.rs turns it on).
     pub fn write_rules(&self, text: &str) -> Result<()> {
         let tmp = self.dir.path().join(".vane.toml.new");
+        let text = if text.contains("[captive_portal]") {
+            text.to_owned()
+        } else {
+            format!("{text}\n[captive_portal]\nenabled = false\n")
+        };
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, &self.rules)?;
         Ok(())

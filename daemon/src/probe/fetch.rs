@@ -77,7 +77,18 @@ async fn run(target: &Target, route: &Route, roots: &Roots) -> Result<Head, Stri
         .await
         .map_err(|e| format!("cannot resolve {}: {e}", target.host))?
         .collect();
-    let stream = connect(&addrs, route).await?;
+    head_at(&addrs, target, route, roots).await
+}
+
+/// Requests `target` from the first of `addrs` that answers, over
+/// `route`, and reads the response head.
+pub async fn head_at(
+    addrs: &[SocketAddr],
+    target: &Target,
+    route: &Route,
+    roots: &Roots,
+) -> Result<Head, String> {
+    let stream = connect(addrs, route).await?;
     if !target.tls {
         return exchange(stream, target).await;
     }

@@ -29,6 +29,20 @@ impl Target {
     /// Parses an `http://` or `https://` URL (the rule file's parser has
     /// already checked the scheme and that a host follows).
     pub fn parse(url: &str) -> Result<Target, String> {
+        Self::parse_inner(url)
+    }
+
+    /// The URL again, as it is requested.
+    pub fn url(&self) -> String {
+        format!(
+            "{}://{}{}",
+            if self.tls { "https" } else { "http" },
+            self.authority,
+            self.path
+        )
+    }
+
+    fn parse_inner(url: &str) -> Result<Target, String> {
         if url.contains('#') {
             return Err("a probe URL cannot have a fragment (#)".into());
         }
@@ -103,8 +117,16 @@ impl Target {
 pub enum Head {
     /// More is needed.
     Partial,
-    /// A complete, well-formed response head with this status.
-    Status { code: u16, reason: String },
+    /// A complete, well-formed response head with this status, and the
+    /// headers a captive portal check reads.
+    Status {
+        code: u16,
+        reason: String,
+        /// `Location` (a redirect's target), printable ASCII only.
+        location: Option<String>,
+        /// `Content-Length`, when given and a number.
+        content_length: Option<u64>,
+    },
     /// Not an HTTP/1.x response head, or one larger than [`MAX_HEAD`].
     Invalid(String),
 }
@@ -116,10 +138,24 @@ pub fn parse_head(buf: &[u8]) -> Head {
     let mut response = httparse::Response::new(&mut headers);
     match response.parse(buf) {
         Ok(httparse::Status::Complete(_)) => match response.code {
-            Some(code) => Head::Status {
-                code,
-                reason: printable(response.reason.unwrap_or("")),
-            },
+            Some(code) => {
+                let header = |name: &str| {
+                    response
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .and_then(|h| std::str::from_utf8(h.value).ok())
+                        .map(str::trim)
+                };
+                Head::Status {
+                    code,
+                    reason: printable(response.reason.unwrap_or("")),
+                    location: header("location")
+                        .filter(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_graphic()))
+                        .map(str::to_owned),
+                    content_length: header("content-length").and_then(|l| l.parse().ok()),
+                }
+            }
             None => Head::Invalid("no status code".into()),
         },
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
@@ -168,8 +204,10 @@ pub fn verdict(head: &Head) -> Outcome {
             result: ProbeResult::Ok,
             detail: "HTTP 200".into(),
         },
-        Head::Status { code, reason } if reason.is_empty() => Outcome::fail(format!("HTTP {code}")),
-        Head::Status { code, reason } => Outcome::fail(format!("HTTP {code} {reason:?}")),
+        Head::Status { code, reason, .. } if reason.is_empty() => {
+            Outcome::fail(format!("HTTP {code}"))
+        }
+        Head::Status { code, reason, .. } => Outcome::fail(format!("HTTP {code} {reason:?}")),
         Head::Invalid(why) => Outcome::fail(format!("malformed response: {why}")),
         Head::Partial => Outcome::fail("the connection closed before the response head ended"),
     }

@@ -23,10 +23,11 @@ use vane_policy::engine::{self, Decision, Probes, Reason};
 use vane_policy::rules::RuleSet;
 
 mod cache;
-mod fetch;
-mod http;
+pub mod fetch;
+pub mod http;
 
-use cache::{named_urls, network_key, Cache};
+pub use cache::network_key;
+use cache::{named_urls, Cache};
 use fetch::{probe, Roots, Route};
 use http::Outcome;
 

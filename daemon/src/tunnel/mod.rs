@@ -147,6 +147,8 @@ pub struct Worker {
     shield: Option<killswitch::Spec>,
     /// A kill switch table left by an earlier vaned may be in place.
     stale_shield: bool,
+    /// A captive portal exemption the kill switch carries, while open.
+    portal: Option<killswitch::PortalExemption>,
     /// The tunnel's DNS, and the observer's view of the network's DNS.
     dns: Option<TunnelDnsShell>,
     /// The tunnel's DNS put back after someone replaced it, since the
@@ -202,6 +204,7 @@ impl Worker {
             protect: None,
             shield: None,
             stale_shield: false,
+            portal: None,
             dns: None,
             reasserts: dns::Reasserts::default(),
             bad_binary: None,
@@ -407,6 +410,15 @@ impl Worker {
         self.sync_kill_switch();
     }
 
+    /// Opens (`Some`) or closes the kill switch's captive portal
+    /// exemption.
+    pub fn set_portal(&mut self, portal: Option<killswitch::PortalExemption>) {
+        if self.portal != portal {
+            self.portal = portal;
+            self.sync_kill_switch();
+        }
+    }
+
     /// The kill switch the plan and the local subnets make.
     fn shield_spec(&self, ft: &FullTunnel) -> killswitch::Spec {
         killswitch::Spec {
@@ -414,6 +426,7 @@ impl Worker {
             fwmark: ft.fwmark,
             allow_nets: routing::kill_switch_allowed(ft, &self.locals),
             block_dns: !self.plan.dns_servers.is_empty(),
+            portal: self.portal.clone(),
         }
     }
 

@@ -31,7 +31,7 @@ mod ruleset;
 #[cfg(test)]
 pub use ruleset::DROP_COMMENT;
 use ruleset::{lists_our_table, remove_document};
-pub use ruleset::{ruleset, valid_ifname, Spec, SpecError};
+pub use ruleset::{ruleset, valid_ifname, PortalExemption, Spec, SpecError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KillSwitchError {
@@ -231,6 +231,7 @@ mod netns_tests {
                     "fe80::/10".parse().unwrap(),
                 ],
                 block_dns: true,
+                portal: None,
             };
             apply(&s1).unwrap();
             assert!(present().unwrap());
@@ -261,6 +262,7 @@ mod netns_tests {
                 fwmark: 0x99,
                 allow_nets: vec![],
                 block_dns: true,
+                portal: None,
             };
             apply(&s2).unwrap();
             let listed = ruleset_now();
@@ -308,6 +310,7 @@ mod netns_tests {
                 fwmark: 0x7,
                 allow_nets: vec!["10.0.0.0/8".parse().unwrap()],
                 block_dns: true,
+                portal: None,
             };
             apply(&spec).unwrap();
             let before = ruleset_now();
@@ -376,6 +379,7 @@ mod netns_tests {
                     "fd50::/64".parse().unwrap(),
                 ],
                 block_dns: true,
+                portal: None,
             })
             .unwrap();
 

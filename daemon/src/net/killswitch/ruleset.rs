@@ -32,6 +32,8 @@
 //! exception: it would let connections opened before the switch went on
 //! keep leaking.
 
+use std::net::IpAddr;
+
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::{json, Value};
 
@@ -52,6 +54,16 @@ pub struct Spec {
     /// is a name told outside the tunnel. (Without them the network's
     /// resolver is the only one, and blocking it would leave no DNS.)
     pub block_dns: bool,
+    /// A captive portal exemption (`vanectl portal`), while open.
+    pub portal: Option<PortalExemption>,
+}
+
+/// What a captive portal exemption lets out besides: DNS (UDP and TCP 53)
+/// to the network's servers, TCP 80 and 443 to the portal's addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortalExemption {
+    pub dns_servers: Vec<IpAddr>,
+    pub portal_addresses: Vec<IpAddr>,
 }
 /// A [`Spec`] the kill switch cannot be built from.
 #[derive(Debug, thiserror::Error)]
@@ -285,6 +297,9 @@ pub fn ruleset(spec: &Spec) -> Result<Value, SpecError> {
         ],
         Some("NDP and MLD"),
     ));
+    if let Some(p) = &spec.portal {
+        cmds.extend(portal_rules(output, p));
+    }
     cmds.extend(allowed(output));
     cmds.push(rule_obj(
         "forward",
@@ -294,6 +309,53 @@ pub fn ruleset(spec: &Spec) -> Result<Value, SpecError> {
     cmds.extend(allowed("forward"));
     Ok(json!({"nftables": cmds}))
 }
+
+/// The exemption's accept rules (before the DNS drop and the final drop),
+/// counted, with their comment.
+fn portal_rules(chain: &str, p: &PortalExemption) -> Vec<Value> {
+    let mut rules = Vec::new();
+    for (family, v4) in [("ip", true), ("ip6", false)] {
+        let pick = |addrs: &[IpAddr]| -> Vec<String> {
+            addrs
+                .iter()
+                .filter(|a| a.is_ipv4() == v4)
+                .map(|a| a.to_string())
+                .collect()
+        };
+        let dns = pick(&p.dns_servers);
+        if !dns.is_empty() {
+            for proto in ["udp", "tcp"] {
+                rules.push(rule_obj(
+                    chain,
+                    vec![
+                        eq(payload(family, "daddr"), json!({"set": dns})),
+                        eq(payload(proto, "dport"), json!(53)),
+                        json!({"counter": {"packets": 0, "bytes": 0}}),
+                        accept(),
+                    ],
+                    Some(PORTAL_COMMENT),
+                ));
+            }
+        }
+        let hosts = pick(&p.portal_addresses);
+        if !hosts.is_empty() {
+            rules.push(rule_obj(
+                chain,
+                vec![
+                    eq(payload(family, "daddr"), json!({"set": hosts})),
+                    eq(payload("tcp", "dport"), json!({"set": [80, 443]})),
+                    json!({"counter": {"packets": 0, "bytes": 0}}),
+                    accept(),
+                ],
+                Some(PORTAL_COMMENT),
+            ));
+        }
+    }
+    rules
+}
+
+/// The exemption's rules' comment.
+pub const PORTAL_COMMENT: &str = "captive portal exemption (vanectl portal)";
 
 /// The document that removes the table if it is there, in one transaction
 /// (so removing is idempotent without a check-then-act race).
@@ -318,6 +380,7 @@ mod tests {
             fwmark: 0xca6c,
             allow_nets: nets.iter().map(|n| n.parse().unwrap()).collect(),
             block_dns: true,
+            portal: None,
         }
     }
 
@@ -508,5 +571,51 @@ mod tests {
         assert!(!lists_our_table("table inet filter\ntable ip vane\n"));
         assert!(!lists_our_table("table inet vane2\n"));
         assert!(!lists_our_table(""));
+    }
+
+    #[test]
+    fn the_portal_exemption_lets_out_dns_to_the_network_and_the_portal_on_80_and_443_before_any_drop(
+    ) {
+        let mut sp = spec(&[]);
+        sp.portal = Some(PortalExemption {
+            dns_servers: vec!["192.0.2.53".parse().unwrap(), "fd00::53".parse().unwrap()],
+            portal_addresses: vec!["203.0.113.81".parse().unwrap()],
+        });
+        let doc = ruleset(&sp).unwrap();
+        let rules: Vec<&Value> = doc["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c.get("add").and_then(|a| a.get("rule")))
+            .filter(|r| r["chain"] == "output")
+            .collect();
+        let exempt: Vec<usize> = rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r["comment"] == PORTAL_COMMENT)
+            .map(|(i, _)| i)
+            .collect();
+        // UDP and TCP 53 for each family's server, 80/443 for the IPv4
+        // portal address (no IPv6 one).
+        assert_eq!(exempt.len(), 5, "{rules:#?}");
+        let first_drop = rules
+            .iter()
+            .position(|r| r["comment"] == DNS_COMMENT || r["comment"] == DROP_COMMENT)
+            .unwrap();
+        assert!(exempt.iter().all(|i| *i < first_drop), "{rules:#?}");
+        let text = serde_json::to_string(&rules).unwrap();
+        assert!(
+            text.contains("203.0.113.81")
+                && text.contains("192.0.2.53")
+                && text.contains("fd00::53")
+        );
+        assert!(text.contains("[80,443]"), "{text}");
+        // Not in the forward chain: the exemption is the host's own
+        // browser, not a routed container's.
+        let forward = serde_json::to_string(&doc).unwrap();
+        assert_eq!(forward.matches(PORTAL_COMMENT).count(), 5);
+        // Without it, nothing of the kind.
+        let plain = serde_json::to_string(&ruleset(&spec(&[])).unwrap()).unwrap();
+        assert!(!plain.contains(PORTAL_COMMENT));
     }
 }

@@ -1,0 +1,462 @@
+//! Captive portals: the check on each network ([`check`], the I/O), and
+//! what vaned knows and does about it ([`Portal`], pure: results, commands
+//! and time in, state out).
+//!
+//! The check fetches `[captive_portal] check_url` over the uplink (bound to
+//! it, with the tunnel's fwmark, as a `probe_url` is, so neither the
+//! tunnel's routes nor the kill switch take it), its host resolved through
+//! the network's own DNS servers (not resolv.conf, which holds the
+//! tunnel's while it is up). HTTP 204, or 200 with an empty body: no
+//! portal. Anything else that answers (a redirect, a login page, 511): a
+//! portal, whose page is the redirect's target or the check URL itself.
+//! No answer: unknown.
+//!
+//! The exemption (`vanectl portal`): the tunnel goes down (the kill switch
+//! stays as the rules want it) and the kill switch lets out DNS to the
+//! network's servers and TCP 80 and 443 to the portal's addresses (and the
+//! check URL's), nothing else; it closes when the check passes, when its
+//! time is up, on `vanectl portal close`, or on another network.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use vane_ctl::proto::{ExemptionView, PortalState, PortalView};
+
+use crate::control::unix_secs;
+
+pub mod check;
+
+/// Behind a portal: checked again this often, to notice the login.
+pub const RECHECK_PORTAL: Duration = Duration::from_secs(5);
+/// While the exemption is open: more often (the user is logging in).
+pub const RECHECK_EXEMPT: Duration = Duration::from_secs(1);
+/// No answer: tried again after this.
+pub const RECHECK_UNKNOWN: Duration = Duration::from_secs(30);
+
+/// What one check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// No portal: the check URL answered as expected.
+    Open,
+    /// A portal, with its page and the addresses the exemption lets the
+    /// user reach (the page's host and the check URL's).
+    Portal {
+        url: String,
+        detail: String,
+        addresses: Vec<IpAddr>,
+    },
+    /// No answer (no connectivity, a firewall): not known.
+    Unknown { detail: String },
+}
+
+/// An open exemption.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exemption {
+    pub until: Instant,
+    pub until_wall: SystemTime,
+    pub dns_servers: Vec<IpAddr>,
+    pub portal_addresses: Vec<IpAddr>,
+}
+
+/// Why an exemption closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// The check passes: logged in.
+    Passed,
+    TimeUp,
+    /// `vanectl portal close`.
+    User,
+    /// Another network (or none).
+    NetworkChanged,
+}
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Closed::Passed => "the check passes",
+            Closed::TimeUp => "its time is up",
+            Closed::User => "the user closed it",
+            Closed::NetworkChanged => "the network changed",
+        })
+    }
+}
+
+/// vaned's knowledge of the current network's portal.
+#[derive(Debug, Default)]
+pub struct Portal {
+    enabled: bool,
+    check_url: String,
+    network: Option<String>,
+    found: Option<Found>,
+    at: Option<Instant>,
+    checked: Option<SystemTime>,
+    /// A check runs, with this sequence number.
+    running: Option<u64>,
+    next_seq: u64,
+    /// Check at the next chance, whatever the last result's age (a wake).
+    stale: bool,
+    exemption: Option<Exemption>,
+}
+
+impl Portal {
+    pub fn new(enabled: bool, check_url: &str) -> Portal {
+        Portal {
+            enabled,
+            check_url: check_url.to_owned(),
+            ..Portal::default()
+        }
+    }
+
+    pub fn check_url(&self) -> &str {
+        &self.check_url
+    }
+
+    /// The rule file changed: another URL (or the check off) forgets what
+    /// was found. Returns an exemption this closed.
+    pub fn configure(&mut self, enabled: bool, check_url: &str) -> Option<Closed> {
+        if enabled == self.enabled && check_url == self.check_url {
+            return None;
+        }
+        self.enabled = enabled;
+        self.check_url = check_url.to_owned();
+        self.forget();
+        self.exemption.take().map(|_| Closed::NetworkChanged)
+    }
+
+    fn forget(&mut self) {
+        self.found = None;
+        self.at = None;
+        self.checked = None;
+        self.running = None;
+        self.stale = false;
+    }
+
+    /// The network is `key` now (`None`: no usable network). Another
+    /// network forgets what was found and closes the exemption (returned).
+    pub fn set_network(&mut self, key: Option<&str>) -> Option<Closed> {
+        if self.network.as_deref() == key {
+            return None;
+        }
+        self.network = key.map(str::to_owned);
+        self.forget();
+        self.exemption.take().map(|_| Closed::NetworkChanged)
+    }
+
+    /// The machine woke up: what was found may be stale.
+    pub fn recheck(&mut self) {
+        self.running = None;
+        self.stale = true;
+    }
+
+    /// When the current result should be checked again: `Some(None)` now
+    /// (never checked on this network, or stale), `None` only on another
+    /// network or a wake.
+    fn due_at(&self) -> Option<Option<Instant>> {
+        if !self.enabled || self.network.is_none() || self.running.is_some() {
+            return None;
+        }
+        let Some(at) = self.at else {
+            return Some(None);
+        };
+        if self.stale {
+            return Some(None);
+        }
+        match self.found {
+            Some(Found::Portal { .. }) if self.exemption.is_some() => {
+                Some(Some(at + RECHECK_EXEMPT))
+            }
+            Some(Found::Portal { .. }) => Some(Some(at + RECHECK_PORTAL)),
+            Some(Found::Unknown { .. }) => Some(Some(at + RECHECK_UNKNOWN)),
+            Some(Found::Open) | None => None,
+        }
+    }
+
+    /// The next moment something is due (a check, or the exemption's
+    /// end); `now` when a check is due at once.
+    pub fn next_event(&self, now: Instant) -> Option<Instant> {
+        [
+            self.due_at().map(|t| t.unwrap_or(now)),
+            self.exemption.as_ref().map(|e| e.until),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// A check to start now, if one is due: its network and sequence
+    /// number (marked running).
+    pub fn start(&mut self, now: Instant) -> Option<(String, u64)> {
+        match self.due_at() {
+            Some(None) => {}
+            Some(Some(t)) if t <= now => {}
+            _ => return None,
+        }
+        let network = self.network.clone()?;
+        self.next_seq += 1;
+        self.running = Some(self.next_seq);
+        self.stale = false;
+        Some((network, self.next_seq))
+    }
+
+    /// A check answered. Returns whether it was taken (the running check
+    /// of this network), and the exemption it closed (the check passes).
+    pub fn complete(
+        &mut self,
+        network: &str,
+        seq: u64,
+        found: Found,
+        now: Instant,
+        wall: SystemTime,
+    ) -> (bool, Option<Closed>) {
+        if self.network.as_deref() != Some(network) || self.running != Some(seq) {
+            return (false, None);
+        }
+        self.running = None;
+        let passed = found == Found::Open;
+        self.found = Some(found);
+        self.at = Some(now);
+        self.checked = Some(wall);
+        let closed = if passed {
+            self.exemption.take().map(|_| Closed::Passed)
+        } else {
+            None
+        };
+        (true, closed)
+    }
+
+    /// The exemption's time is up at `now`: closed (returned).
+    pub fn expire(&mut self, now: Instant) -> Option<Closed> {
+        if self.exemption.as_ref().is_some_and(|e| e.until <= now) {
+            self.exemption = None;
+            return Some(Closed::TimeUp);
+        }
+        None
+    }
+
+    /// `vanectl portal`: opens the exemption for `length`, letting DNS go
+    /// to `dns_servers` (the network's). Only behind a detected portal.
+    pub fn open(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        length: Duration,
+        dns_servers: Vec<IpAddr>,
+    ) -> Result<&Exemption, String> {
+        let addresses = match &self.found {
+            Some(Found::Portal { addresses, .. }) if !addresses.is_empty() => addresses.clone(),
+            Some(Found::Portal { url, .. }) => {
+                return Err(format!(
+                    "the portal's page {url} has no address the network's DNS would give"
+                ))
+            }
+            _ if !self.enabled => {
+                return Err(
+                    "the captive portal check is off ([captive_portal] enabled = false)".into(),
+                )
+            }
+            Some(Found::Open) => {
+                return Err("no captive portal on this network: the check passes".into())
+            }
+            _ => return Err("no captive portal detected on this network (yet)".into()),
+        };
+        if dns_servers.is_empty() {
+            return Err("the network has no DNS server to look the portal up with".into());
+        }
+        self.exemption = Some(Exemption {
+            until: now + length,
+            until_wall: wall + length,
+            dns_servers,
+            portal_addresses: addresses,
+        });
+        // Checked again soon: the login may be quick.
+        self.stale = true;
+        Ok(self.exemption.as_ref().expect("just set"))
+    }
+
+    /// `vanectl portal close`: whether one was open.
+    pub fn close(&mut self) -> Option<Closed> {
+        self.exemption.take().map(|_| Closed::User)
+    }
+
+    pub fn exemption(&self) -> Option<&Exemption> {
+        self.exemption.as_ref()
+    }
+
+    /// What the rules see: `Some(true)` behind a portal.
+    pub fn captive(&self) -> Option<bool> {
+        match self.found {
+            Some(Found::Portal { .. }) => Some(true),
+            Some(Found::Open) => Some(false),
+            _ => None,
+        }
+    }
+
+    pub fn view(&self) -> Option<PortalView> {
+        self.network.as_ref()?;
+        let (state, url, detail) = match &self.found {
+            _ if !self.enabled => (PortalState::Off, None, None),
+            None => (PortalState::Checking, None, None),
+            Some(Found::Open) => (PortalState::None, None, None),
+            Some(Found::Portal { url, detail, .. }) => {
+                (PortalState::Portal, Some(url.clone()), Some(detail.clone()))
+            }
+            Some(Found::Unknown { detail }) => (PortalState::Unknown, None, Some(detail.clone())),
+        };
+        Some(PortalView {
+            state,
+            url,
+            detail,
+            checked: self.checked.map(unix_secs),
+            exemption: self.exemption.as_ref().map(|e| ExemptionView {
+                until: unix_secs(e.until_wall),
+                dns_servers: e.dns_servers.clone(),
+                portal_addresses: e.portal_addresses.clone(),
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const URL: &str = "http://check.example/204";
+
+    fn portal() -> Found {
+        Found::Portal {
+            url: "http://login.example/".into(),
+            detail: "HTTP 302".into(),
+            addresses: vec!["203.0.113.81".parse().unwrap()],
+        }
+    }
+
+    fn dns() -> Vec<IpAddr> {
+        vec!["192.0.2.53".parse().unwrap()]
+    }
+
+    #[test]
+    fn a_new_network_is_checked_once_and_a_portal_again_until_it_passes() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH;
+        let mut p = Portal::new(true, URL);
+        assert_eq!(p.start(t0), None, "no network");
+        assert_eq!(p.set_network(Some("cafe")), None);
+        assert_eq!(p.view().unwrap().state, PortalState::Checking);
+        let (net, seq) = p.start(t0).unwrap();
+        assert_eq!(p.start(t0), None, "running");
+        assert_eq!(p.captive(), None);
+        // A late answer of another check or network is dropped.
+        assert_eq!(
+            p.complete(&net, seq + 1, Found::Open, t0, wall),
+            (false, None)
+        );
+        assert_eq!(
+            p.complete("home", seq, Found::Open, t0, wall),
+            (false, None)
+        );
+        assert_eq!(p.complete(&net, seq, portal(), t0, wall), (true, None));
+        assert_eq!(p.captive(), Some(true));
+        let v = p.view().unwrap();
+        assert_eq!(v.state, PortalState::Portal);
+        assert_eq!(v.url.as_deref(), Some("http://login.example/"));
+        assert_eq!(p.next_event(t0), Some(t0 + RECHECK_PORTAL));
+        assert_eq!(p.start(t0 + RECHECK_PORTAL / 2), None);
+        let (net, seq) = p.start(t0 + RECHECK_PORTAL).unwrap();
+        let t1 = t0 + RECHECK_PORTAL;
+        assert_eq!(p.complete(&net, seq, Found::Open, t1, wall), (true, None));
+        assert_eq!(p.captive(), Some(false));
+        // No portal: not checked again on this network.
+        assert_eq!(p.next_event(t0), None);
+        // Unless the machine slept.
+        p.recheck();
+        assert!(p.start(t1).is_some());
+    }
+
+    #[test]
+    fn the_exemption_opens_only_behind_a_portal_and_closes_four_ways() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH;
+        let len = Duration::from_secs(300);
+        let mut p = Portal::new(true, URL);
+        p.set_network(Some("cafe"));
+        assert!(p
+            .open(t0, wall, len, dns())
+            .unwrap_err()
+            .contains("no captive portal detected"));
+        let (net, seq) = p.start(t0).unwrap();
+        p.complete(&net, seq, Found::Open, t0, wall);
+        assert!(p
+            .open(t0, wall, len, dns())
+            .unwrap_err()
+            .contains("the check passes"));
+
+        // Behind a portal.
+        p.set_network(Some("airport"));
+        let (net, seq) = p.start(t0).unwrap();
+        p.complete(&net, seq, portal(), t0, wall);
+        assert!(p.open(t0, wall, len, vec![]).is_err(), "no DNS server");
+        let e = p.open(t0, wall, len, dns()).unwrap().clone();
+        assert_eq!(e.until, t0 + len);
+        assert_eq!(
+            e.portal_addresses,
+            vec!["203.0.113.81".parse::<IpAddr>().unwrap()]
+        );
+        assert!(p.view().unwrap().exemption.is_some());
+        // Checked again at once, then every RECHECK_EXEMPT.
+        let (net, seq) = p.start(t0).unwrap();
+        assert_eq!(p.complete(&net, seq, portal(), t0, wall), (true, None));
+        assert_eq!(p.next_event(t0), Some(t0 + RECHECK_EXEMPT));
+        // 1. The check passes (logged in).
+        let t1 = t0 + RECHECK_EXEMPT;
+        let (net, seq) = p.start(t1).unwrap();
+        assert_eq!(
+            p.complete(&net, seq, Found::Open, t1, wall),
+            (true, Some(Closed::Passed))
+        );
+        assert!(p.exemption().is_none());
+
+        // 2. Time up.
+        p.set_network(Some("hotel"));
+        let (net, seq) = p.start(t0).unwrap();
+        p.complete(&net, seq, portal(), t0, wall);
+        p.open(t0, wall, len, dns()).unwrap();
+        assert_eq!(p.expire(t0 + len / 2), None);
+        assert_eq!(p.next_event(t0), Some(t0), "the stale check first");
+        assert_eq!(p.expire(t0 + len), Some(Closed::TimeUp));
+        // 3. The user.
+        p.open(t0, wall, len, dns()).unwrap();
+        assert_eq!(p.close(), Some(Closed::User));
+        assert_eq!(p.close(), None);
+        // 4. Another network.
+        p.open(t0, wall, len, dns()).unwrap();
+        assert_eq!(p.set_network(Some("train")), Some(Closed::NetworkChanged));
+        assert!(p.exemption().is_none());
+        assert_eq!(p.captive(), None);
+    }
+
+    #[test]
+    fn the_check_off_or_unanswered() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH;
+        let mut p = Portal::new(false, URL);
+        p.set_network(Some("cafe"));
+        assert_eq!(p.start(t0), None);
+        assert_eq!(p.view().unwrap().state, PortalState::Off);
+        assert!(p
+            .open(t0, wall, Duration::from_secs(60), dns())
+            .unwrap_err()
+            .contains("off"));
+        assert_eq!(p.configure(true, URL), None);
+        let (net, seq) = p.start(t0).unwrap();
+        let unknown = Found::Unknown {
+            detail: "no answer within 5 s".into(),
+        };
+        p.complete(&net, seq, unknown, t0, wall);
+        assert_eq!(p.captive(), None);
+        assert_eq!(p.view().unwrap().state, PortalState::Unknown);
+        assert_eq!(p.next_event(t0), Some(t0 + RECHECK_UNKNOWN));
+        // Another URL: forgotten, checked afresh.
+        p.configure(true, "http://other.example/");
+        assert_eq!(p.view().unwrap().state, PortalState::Checking);
+    }
+}
