@@ -533,7 +533,10 @@ pub async fn run(options: Options) -> Result<Exit> {
     loop {
         let timer = d.supervisor.timer();
         let probe_refresh = d.prober.next_refresh();
-        let portal_next = d.portal.next_event(Instant::now());
+        let portal_next = d
+            .portal_allowed()
+            .then(|| d.portal.next_event(Instant::now()))
+            .flatten();
         tokio::select! {
             change = network_changes.recv() => match change {
                 Ok(change) => {
@@ -710,7 +713,6 @@ impl Daemon {
         if let Some(closed) = self.portal.set_network(key.as_deref()) {
             self.portal_closed(closed);
         }
-        self.start_portal_check(&snapshot);
         net.captive_portal = self.portal.captive();
         let probes = self.prober.results(&snapshot, &net);
         let decision = engine::decide(self.rules.rules(), &net, &self.intent, &probes);
@@ -761,11 +763,24 @@ impl Daemon {
             Desired::Unchanged => Vec::new(),
         };
         self.dispatch(actions);
+        // After the tunnel was told what to do: a check knows whether it
+        // is wanted up.
+        self.start_portal_check(&snapshot);
+    }
+
+    /// Whether the captive portal check may go out now: not while the
+    /// kill switch holds a tunnel that is not wanted (lockdown while
+    /// down), where nothing would use its answer.
+    fn portal_allowed(&self) -> bool {
+        self.supervisor.wants_up() || !self.protect_wanted() || self.portal.exemption().is_some()
     }
 
     /// Starts the captive portal check when one is due (a new network,
     /// a wake, a portal to watch for the login).
     fn start_portal_check(&mut self, snapshot: &vane_observer::NetworkSnapshot) {
+        if !self.portal_allowed() {
+            return;
+        }
         let Some((network, seq)) = self.portal.start(Instant::now()) else {
             return;
         };
@@ -773,9 +788,21 @@ impl Daemon {
         let route = crate::probe::fetch::Route::uplinks(snapshot, self.plan.device.fwmark);
         let servers = snapshot.dns.servers.clone();
         let done = self.portal_done.clone();
+        // A tunnel that is wanted up is asked first whether it connects:
+        // then the check does not go out at all.
+        let tunnel = self
+            .supervisor
+            .wants_up()
+            .then(|| crate::tunnel::uapi_client::socket_path(&self.plan.ifname));
         debug!(url, "captive portal check");
         tokio::spawn(async move {
-            let found = crate::portal::check::check(&url, &route, &servers).await;
+            let found = crate::portal::check::check_unless_connected(
+                &url,
+                &route,
+                &servers,
+                tunnel.as_deref(),
+            )
+            .await;
             let _ = done.send(PortalDone {
                 network,
                 seq,

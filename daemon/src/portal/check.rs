@@ -12,7 +12,7 @@ use std::time::Duration;
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 
-use super::Found;
+use super::{Found, HANDSHAKE_GRACE, SESSION_LIFE};
 use crate::probe::fetch::{head_at, Bind, Roots, Route};
 use crate::probe::http::{Head, Target};
 
@@ -20,6 +20,37 @@ use crate::probe::http::{Head, Target};
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// One DNS server's answer.
 const DNS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether the check should go out: `tunnel` is the userspace API socket
+/// of a tunnel that is wanted up. It gets [`HANDSHAKE_GRACE`] to
+/// handshake; a handshake younger than [`SESSION_LIFE`] means it works
+/// and nothing is in its way ([`Found::Connected`], no check: nothing
+/// leaves outside the tunnel). Otherwise (no tunnel wanted, or it does
+/// not connect), the check.
+pub async fn check_unless_connected(
+    url: &str,
+    route: &Route,
+    dns_servers: &[IpAddr],
+    tunnel: Option<&std::path::Path>,
+) -> Found {
+    if let Some(path) = tunnel {
+        tokio::time::sleep(HANDSHAKE_GRACE).await;
+        if let Ok(live) = crate::tunnel::uapi_client::get(path, Duration::from_secs(2)).await {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let recent = live.peers.iter().any(|p| {
+                p.last_handshake
+                    .is_some_and(|h| now.saturating_sub(h) < SESSION_LIFE.as_secs())
+            });
+            if recent {
+                return Found::Connected;
+            }
+        }
+    }
+    check(url, route, dns_servers).await
+}
 
 /// Checks `url` over `route`, names resolved through `dns_servers`.
 pub async fn check(url: &str, route: &Route, dns_servers: &[IpAddr]) -> Found {

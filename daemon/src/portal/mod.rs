@@ -32,6 +32,16 @@ pub const RECHECK_PORTAL: Duration = Duration::from_secs(5);
 pub const RECHECK_EXEMPT: Duration = Duration::from_secs(1);
 /// No answer: tried again after this.
 pub const RECHECK_UNKNOWN: Duration = Duration::from_secs(30);
+/// Not checked because the tunnel is connected: looked at again after
+/// this (a session from the network before ages out within 180 s).
+pub const RECHECK_CONNECTED: Duration = Duration::from_secs(30);
+/// A tunnel that is wanted up gets this long to handshake before the
+/// check runs (it then goes outside the tunnel only when the tunnel does
+/// not work).
+pub const HANDSHAKE_GRACE: Duration = Duration::from_secs(2);
+/// A handshake younger than this is a working tunnel (WireGuard's
+/// REJECT_AFTER_TIME: a session is used at most this long).
+pub const SESSION_LIFE: Duration = Duration::from_secs(180);
 
 /// What one check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +57,9 @@ pub enum Found {
     },
     /// No answer (no connectivity, a firewall): not known.
     Unknown { detail: String },
+    /// Not checked: the tunnel is connected (a recent handshake), so
+    /// nothing is in its way, and nothing needs to leave outside it.
+    Connected,
 }
 
 /// An open exemption.
@@ -167,6 +180,7 @@ impl Portal {
             }
             Some(Found::Portal { .. }) => Some(Some(at + RECHECK_PORTAL)),
             Some(Found::Unknown { .. }) => Some(Some(at + RECHECK_UNKNOWN)),
+            Some(Found::Connected) => Some(Some(at + RECHECK_CONNECTED)),
             Some(Found::Open) | None => None,
         }
     }
@@ -212,7 +226,7 @@ impl Portal {
             return (false, None);
         }
         self.running = None;
-        let passed = found == Found::Open;
+        let passed = matches!(found, Found::Open | Found::Connected);
         self.found = Some(found);
         self.at = Some(now);
         self.checked = Some(wall);
@@ -254,7 +268,7 @@ impl Portal {
                     "the captive portal check is off ([captive_portal] enabled = false)".into(),
                 )
             }
-            Some(Found::Open) => {
+            Some(Found::Open | Found::Connected) => {
                 return Err("no captive portal on this network: the check passes".into())
             }
             _ => return Err("no captive portal detected on this network (yet)".into()),
@@ -286,7 +300,7 @@ impl Portal {
     pub fn captive(&self) -> Option<bool> {
         match self.found {
             Some(Found::Portal { .. }) => Some(true),
-            Some(Found::Open) => Some(false),
+            Some(Found::Open | Found::Connected) => Some(false),
             _ => None,
         }
     }
@@ -297,6 +311,11 @@ impl Portal {
             _ if !self.enabled => (PortalState::Off, None, None),
             None => (PortalState::Checking, None, None),
             Some(Found::Open) => (PortalState::None, None, None),
+            Some(Found::Connected) => (
+                PortalState::None,
+                None,
+                Some("not checked: the tunnel is connected".to_owned()),
+            ),
             Some(Found::Portal { url, detail, .. }) => {
                 (PortalState::Portal, Some(url.clone()), Some(detail.clone()))
             }
@@ -458,5 +477,28 @@ mod tests {
         // Another URL: forgotten, checked afresh.
         p.configure(true, "http://other.example/");
         assert_eq!(p.view().unwrap().state, PortalState::Checking);
+    }
+
+    #[test]
+    fn a_connected_tunnel_counts_as_no_portal_and_is_looked_at_again() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH;
+        let mut p = Portal::new(true, URL);
+        p.set_network(Some("office"));
+        let (net, seq) = p.start(t0).unwrap();
+        assert_eq!(
+            p.complete(&net, seq, Found::Connected, t0, wall),
+            (true, None)
+        );
+        assert_eq!(p.captive(), Some(false));
+        let v = p.view().unwrap();
+        assert_eq!(v.state, PortalState::None);
+        assert!(v.detail.unwrap().contains("connected"));
+        assert_eq!(p.next_event(t0), Some(t0 + RECHECK_CONNECTED));
+        // The session aged out behind a portal: found then.
+        let t1 = t0 + RECHECK_CONNECTED;
+        let (net, seq) = p.start(t1).unwrap();
+        p.complete(&net, seq, portal(), t1, wall);
+        assert_eq!(p.captive(), Some(true));
     }
 }
