@@ -285,6 +285,19 @@ fn the_package_under_systemd_installs_upgrades_survives_faults_and_removes_clean
     );
     unit_healthy(&c);
     confinement(&c, &original_resolv);
+    // vaned follows the container's own systemd-logind: it holds a delay
+    // inhibitor for sleep (it may have started before D-Bus and looks
+    // again after 5 s).
+    let mut inhibitors = String::new();
+    wait_until(Duration::from_secs(30), "vaned's sleep inhibitor in logind", || {
+        inhibitors = c
+            .ok("systemd-inhibit --list --no-legend --no-pager")
+            .unwrap_or_default();
+        inhibitors
+            .lines()
+            .any(|l| l.contains("vaned") && l.contains("sleep") && l.contains("delay"))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {inhibitors}"));
 
     // Traffic from here to the end: leak senders, numbered datagrams and
     // a checked TCP stream through the tunnel.
