@@ -360,6 +360,15 @@ impl Vaned {
         }
     }
 
+    /// Waits until the status says the kill switch is on.
+    pub fn wait_kill_switch(&self, timeout: Duration) -> Result<()> {
+        wait_until(timeout, "the kill switch", || {
+            self.status()
+                .is_ok_and(|s| s["tunnel"]["kill_switch"]["active"] == true)
+        })
+        .with_context(|| format!("vaned log:\n{}", self.proc_.log()))
+    }
+
     /// SIGKILLs the tunnel process and waits until vaned runs a new one
     /// with the tunnel up; returns the new pid.
     pub fn kill_tunnel_and_wait_for_the_next(&self, timeout: Duration) -> Result<u32> {

@@ -325,12 +325,7 @@ fn lockdown_leaks_nothing_through_a_sequence_of_faults() {
     let disconnect_rules = connect_rules.replace("action = \"connect\"", "action = \"disconnect\"");
 
     let mut vaned = lab.start_vaned(&[]).unwrap();
-    wait_until(UP, "the kill switch", || {
-        vaned
-            .status()
-            .is_ok_and(|s| s["tunnel"]["kill_switch"]["active"] == true)
-    })
-    .unwrap();
+    vaned.wait_kill_switch(UP).unwrap();
     let baseline = leaks.leaked();
     vaned.wait_state("up", UP).unwrap();
     a.ping_until(NET4, UP).unwrap();

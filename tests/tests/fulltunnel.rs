@@ -718,6 +718,25 @@ fn the_tunnels_dns_is_put_back_when_another_program_replaces_it() {
     eprintln!("the tunnel's DNS put back {put_back:?} after resolv.conf was replaced");
 }
 
+/// Waits until `ours` (the tunnel's DNS in force again) and the status
+/// counts one re-assertion without an error; returns the time since `t`.
+fn put_back_once(
+    vaned: &vane_e2e::vaned::Vaned,
+    t: std::time::Instant,
+    ours: impl FnMut() -> bool,
+) -> Duration {
+    wait_until(UP, "the tunnel's DNS put back", ours)
+        .unwrap_or_else(|e| panic!("{e}\n{}", vaned.proc_.log()));
+    let put_back = t.elapsed();
+    wait_until(UP, "the status counts it", || {
+        vaned
+            .status()
+            .is_ok_and(|s| s["tunnel"]["dns_reasserted"] == 1 && s["tunnel"]["dns_error"].is_null())
+    })
+    .unwrap();
+    put_back
+}
+
 /// A stand-in for resolvconf (openresolv's options): entries in
 /// `DIR/interface/METRIC-EXCL-NAME` (stdin), and `DIR/resolv.conf`
 /// generated from them after each change: the exclusive (`-x`) entries
@@ -806,15 +825,7 @@ fn a_resolvconf_entry_deleted_or_outranked_by_another_program_is_put_back_or_rep
     let t = std::time::Instant::now();
     resolvconf(&prog, &["-d", &record, "-f"], "");
     assert!(!first(&lab));
-    wait_until(UP, "the tunnel's DNS put back", || first(&lab))
-        .unwrap_or_else(|e| panic!("{e}\n{}", vaned.proc_.log()));
-    let put_back = t.elapsed();
-    wait_until(UP, "the status counts it", || {
-        vaned
-            .status()
-            .is_ok_and(|s| s["tunnel"]["dns_reasserted"] == 1 && s["tunnel"]["dns_error"].is_null())
-    })
-    .unwrap();
+    let put_back = put_back_once(&vaned, t, || first(&lab));
 
     // Another program's exclusive entry outranks ours: putting ours back
     // does not help, and that is reported at once, not fought.
@@ -881,15 +892,7 @@ fn a_resolved_link_setting_another_program_changed_is_put_back() {
         .set_link_dns_as_another_program(ifindex, &["192.0.2.99".parse().unwrap()])
         .unwrap();
     assert!(!ours());
-    wait_until(UP, "the tunnel's DNS put back", ours)
-        .unwrap_or_else(|e| panic!("{e}\n{}", vaned.proc_.log()));
-    let put_back = t.elapsed();
-    wait_until(UP, "the status counts it", || {
-        vaned
-            .status()
-            .is_ok_and(|s| s["tunnel"]["dns_reasserted"] == 1 && s["tunnel"]["dns_error"].is_null())
-    })
-    .unwrap();
+    let put_back = put_back_once(&vaned, t, ours);
 
     // Down: the link's settings reverted.
     let o = vaned.ctl(&["down"]);

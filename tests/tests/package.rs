@@ -289,14 +289,18 @@ fn the_package_under_systemd_installs_upgrades_survives_faults_and_removes_clean
     // inhibitor for sleep (it may have started before D-Bus and looks
     // again after 5 s).
     let mut inhibitors = String::new();
-    wait_until(Duration::from_secs(30), "vaned's sleep inhibitor in logind", || {
-        inhibitors = c
-            .ok("systemd-inhibit --list --no-legend --no-pager")
-            .unwrap_or_default();
-        inhibitors
-            .lines()
-            .any(|l| l.contains("vaned") && l.contains("sleep") && l.contains("delay"))
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "vaned's sleep inhibitor in logind",
+        || {
+            inhibitors = c
+                .ok("systemd-inhibit --list --no-legend --no-pager")
+                .unwrap_or_default();
+            inhibitors
+                .lines()
+                .any(|l| l.contains("vaned") && l.contains("sleep") && l.contains("delay"))
+        },
+    )
     .unwrap_or_else(|e| panic!("{e}: {inhibitors}"));
 
     // Traffic from here to the end: leak senders, numbered datagrams and

@@ -228,12 +228,7 @@ fn behind_a_captive_portal_the_user_logs_in_through_a_narrow_exemption_and_nothi
     let started = Instant::now();
     let vaned = lab.start_vaned(&[]).unwrap();
     // The senders ran before vaned: from the kill switch on, nothing.
-    wait_until(UP, "the kill switch", || {
-        vaned
-            .status()
-            .is_ok_and(|s| s["tunnel"]["kill_switch"]["active"] == true)
-    })
-    .unwrap();
+    vaned.wait_kill_switch(UP).unwrap();
     let baseline = other();
     let mut status = serde_json::Value::Null;
     wait_until(UP, "the portal detected", || {

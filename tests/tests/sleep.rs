@@ -152,12 +152,7 @@ fn disconnect_on_sleep_takes_the_tunnel_down_first_and_nothing_leaks_through_sle
     let traffic = senders(a, &lab.pair.veth_a, stop.clone(), rounds.clone());
 
     let vaned = lab.start_vaned(&[]).unwrap();
-    wait_until(UP, "the kill switch", || {
-        vaned
-            .status()
-            .is_ok_and(|s| s["tunnel"]["kill_switch"]["active"] == true)
-    })
-    .unwrap();
+    vaned.wait_kill_switch(UP).unwrap();
     let baseline = leaks.leaked();
     vaned.wait_state("up", UP).unwrap();
     logind.wait_for_delay("vaned", UP).unwrap();

@@ -446,6 +446,23 @@ mod bus_tests {
         assert!(err.to_string().contains("SetLinkDNS"), "{err}");
     }
 
+    /// A Manager call from another client of the bus.
+    async fn as_another_program<B>(other: &zbus::Connection, method: &str, body: &B)
+    where
+        B: serde::Serialize + zbus::zvariant::DynamicType,
+    {
+        other
+            .call_method(
+                Some(RESOLVE1),
+                RESOLVE1_PATH,
+                Some(RESOLVE1_MANAGER),
+                method,
+                body,
+            )
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn a_link_setting_another_program_changed_is_noticed() {
         let bus = private_bus();
@@ -470,44 +487,17 @@ mod bus_tests {
         // `resolvectl dns wg0 192.168.1.1` by someone else.
         let other = connect(&bus.address).await;
         let servers: Vec<LinkDns> = vec![(libc::AF_INET, vec![192, 168, 1, 1])];
-        other
-            .call_method(
-                Some(RESOLVE1),
-                RESOLVE1_PATH,
-                Some(RESOLVE1_MANAGER),
-                "SetLinkDNS",
-                &(7i32, servers),
-            )
-            .await
-            .unwrap();
+        as_another_program(&other, "SetLinkDNS", &(7i32, servers)).await;
         assert!(!m.in_force(7, &dns).await.unwrap());
         m.apply("wg0", 7, &dns).await.unwrap();
         assert!(m.in_force(7, &dns).await.unwrap());
         // The routing domain taken away: queries no longer all go to ours.
         let domains: Vec<LinkDomain> = vec![("corp.example".into(), false)];
-        other
-            .call_method(
-                Some(RESOLVE1),
-                RESOLVE1_PATH,
-                Some(RESOLVE1_MANAGER),
-                "SetLinkDomains",
-                &(7i32, domains),
-            )
-            .await
-            .unwrap();
+        as_another_program(&other, "SetLinkDomains", &(7i32, domains)).await;
         assert!(!m.in_force(7, &dns).await.unwrap());
         m.apply("wg0", 7, &dns).await.unwrap();
         // The default-route flag.
-        other
-            .call_method(
-                Some(RESOLVE1),
-                RESOLVE1_PATH,
-                Some(RESOLVE1_MANAGER),
-                "SetLinkDefaultRoute",
-                &(7i32, false),
-            )
-            .await
-            .unwrap();
+        as_another_program(&other, "SetLinkDefaultRoute", &(7i32, false)).await;
         assert!(!m.in_force(7, &dns).await.unwrap());
     }
 }
