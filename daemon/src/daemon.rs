@@ -86,8 +86,9 @@ enum WorkerMsg {
     /// resolv.conf changed: the tunnel's DNS may need putting back.
     CheckDns,
     /// With systemd-resolved, whose link settings vaned is not told of
-    /// when they change: check them (every [`DNS_POLL`]).
-    PollDns,
+    /// when they change: check them (every [`DNS_POLL`], one at a time:
+    /// the flag is cleared when done).
+    PollDns(Arc<std::sync::atomic::AtomicBool>),
     /// Whether the kill switch stays when vaned stops (lockdown).
     HoldOnExit(bool),
     /// The machine woke up: the tunnel handshakes at once.
@@ -162,6 +163,9 @@ struct Daemon {
     /// When the last wake was handled (logind and the clocks both report
     /// one wake; the second is not acted on again).
     last_wake: Option<Instant>,
+    /// The tunnel went down for a sleep or an exemption that is over: the
+    /// next evaluation brings it up unless the rules say down.
+    restore_up: bool,
     /// The captive portal check and exemption on the current network.
     portal: crate::portal::Portal,
     portal_done: mpsc::UnboundedSender<PortalDone>,
@@ -363,10 +367,11 @@ pub async fn run(options: Options) -> Result<Exit> {
                 }
                 WorkerMsg::CheckBinary => worker.check_binary().await,
                 WorkerMsg::CheckDns => worker.check_dns().await,
-                WorkerMsg::PollDns => {
+                WorkerMsg::PollDns(pending) => {
                     if worker.dns_polled() {
                         worker.check_dns().await;
                     }
+                    pending.store(false, std::sync::atomic::Ordering::Release);
                 }
                 WorkerMsg::HoldOnExit(hold) => hold_on_exit = hold,
                 WorkerMsg::Wake => worker.wake(),
@@ -381,6 +386,7 @@ pub async fn run(options: Options) -> Result<Exit> {
         // switch unless in lockdown (which holds while vaned does not run,
         // until released: `vanectl lockdown off`, `lockdown = false`, or
         // the package removed).
+        worker.set_portal(None);
         worker.stop().await;
         if !hold_on_exit {
             worker.set_protect(false);
@@ -477,6 +483,7 @@ pub async fn run(options: Options) -> Result<Exit> {
         sleep_ready: None,
         down_for_sleep: false,
         last_wake: None,
+        restore_up: false,
         portal: crate::portal::Portal::new(rules_portal.enabled, &rules_portal.check_url),
         portal_done: portal_tx,
         down_for_portal: false,
@@ -519,6 +526,7 @@ pub async fn run(options: Options) -> Result<Exit> {
     let mut clock_tick = tokio::time::interval(CLOCK_CHECK);
     clock_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dns_poll = tokio::time::interval(DNS_POLL);
+    let dns_poll_pending = Arc::new(std::sync::atomic::AtomicBool::new(false));
     dns_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -604,6 +612,7 @@ pub async fn run(options: Options) -> Result<Exit> {
             _ = sigusr2.recv(), if !d.shutting_down => {
                 info!("SIGUSR2: handing over (the tunnel, its rules, kill switch and DNS stay for the next vaned)");
                 d.handing_over = true;
+                d.close_exemption_for_exit();
                 break;
             }
             _ = async { tokio::time::sleep_until(timer.unwrap_or_else(Instant::now).into()).await }, if timer.is_some() => {
@@ -617,6 +626,13 @@ pub async fn run(options: Options) -> Result<Exit> {
             Some(power) = power_rx.recv() => match power {
                 Power::Sleeping { ready } => d.going_to_sleep(ready),
                 Power::Woke { slept } => d.woke(slept),
+                // logind (again) on the bus, not preparing for sleep: a
+                // wake announced while vaned was not listening.
+                Power::Awake => {
+                    if d.power.asleep {
+                        d.woke(None);
+                    }
+                }
             },
             _ = clock_tick.tick() => {
                 let read = vane_tunnel::clock::read_clocks();
@@ -625,7 +641,11 @@ pub async fn run(options: Options) -> Result<Exit> {
                 }
             }
             _ = dns_poll.tick() => {
-                let _ = d.worker.send(WorkerMsg::PollDns);
+                // Not while the last one is still being answered (a slow
+                // resolved must not pile polls up in front of the worker).
+                if !dns_poll_pending.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    let _ = d.worker.send(WorkerMsg::PollDns(Arc::clone(&dns_poll_pending)));
+                }
             }
             _ = watchdog_tick.tick(), if watchdog.is_some() => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
@@ -664,6 +684,13 @@ fn watch(
     })
     .map_err(|e| warn!("cannot watch {}: {e}; {otherwise}", path.display()))
     .ok()
+}
+
+/// The captive portal view without the time of its last check: a check
+/// that finds the same is not a change to tell watchers of.
+fn portal_change(v: &Option<vane_ctl::proto::PortalView>) -> Option<vane_ctl::proto::PortalView> {
+    v.clone()
+        .map(|v| vane_ctl::proto::PortalView { checked: None, ..v })
 }
 
 /// What the observer must not count as the underlying network: the
@@ -710,8 +737,15 @@ impl Daemon {
         let key = snapshot
             .available
             .then(|| crate::probe::network_key(&snapshot, &net));
-        if let Some(closed) = self.portal.set_network(key.as_deref()) {
+        let seen = self.portal.seen_network();
+        let before = self.portal.network().map(str::to_owned);
+        if let Some(closed) = self.portal.set_network(key.as_deref(), SystemTime::now()) {
             self.portal_closed(closed);
+        }
+        if seen && key.is_some() && before != key && self.rules.rules().captive_portal.enabled {
+            // Another network: the tunnel handshakes over it now (what
+            // shows it works there, before any captive portal check).
+            let _ = self.worker.send(WorkerMsg::Wake);
         }
         net.captive_portal = self.portal.captive();
         let probes = self.prober.results(&snapshot, &net);
@@ -741,15 +775,31 @@ impl Daemon {
         }
         let asleep = self.power.asleep && self.rules.rules().tunnel.disconnect_on_sleep;
         let exempt = self.portal.exemption().is_some();
-        let actions = match self.decision.desired {
+        // Down for a sleep or an exemption that is over: up again unless
+        // the rules now say down ("unchanged" keeps what was before it).
+        let desired = match self.decision.desired {
+            Desired::Unchanged if std::mem::take(&mut self.restore_up) => Desired::Up,
+            d => {
+                if d != Desired::Unchanged {
+                    self.restore_up = false;
+                }
+                d
+            }
+        };
+        let actions = match desired {
             // Down until the wake, the kill switch kept as for a tunnel
             // that is up.
             Desired::Up if asleep => {
                 self.down_for_sleep = true;
                 self.supervisor.want(false, now)
             }
-            // Down while the user logs in to the portal, likewise.
+            // Down while the user logs in to the portal, likewise (also a
+            // tunnel the rules leave as it is).
             Desired::Up if exempt => {
+                self.down_for_portal = true;
+                self.supervisor.want(false, now)
+            }
+            Desired::Unchanged if exempt && self.supervisor.wants_up() => {
                 self.down_for_portal = true;
                 self.supervisor.want(false, now)
             }
@@ -781,7 +831,7 @@ impl Daemon {
         if !self.portal_allowed() {
             return;
         }
-        let Some((network, seq)) = self.portal.start(Instant::now()) else {
+        let Some((network, seq, since)) = self.portal.start(Instant::now()) else {
             return;
         };
         let url = self.portal.check_url().to_owned();
@@ -793,16 +843,14 @@ impl Daemon {
         let tunnel = self
             .supervisor
             .wants_up()
-            .then(|| crate::tunnel::uapi_client::socket_path(&self.plan.ifname));
+            .then(|| crate::portal::check::Tunnel {
+                socket: crate::tunnel::uapi_client::socket_path(&self.plan.ifname),
+                since,
+            });
         debug!(url, "captive portal check");
         tokio::spawn(async move {
-            let found = crate::portal::check::check_unless_connected(
-                &url,
-                &route,
-                &servers,
-                tunnel.as_deref(),
-            )
-            .await;
+            let found =
+                crate::portal::check::check_unless_connected(&url, &route, &servers, tunnel).await;
             let _ = done.send(PortalDone {
                 network,
                 seq,
@@ -858,11 +906,9 @@ impl Daemon {
     fn portal_closed(&mut self, why: crate::portal::Closed) {
         info!("captive portal exemption closed: {why}");
         let _ = self.worker.send(WorkerMsg::Portal(None));
-        let restore = std::mem::take(&mut self.down_for_portal);
-        if restore && self.decision.desired == Desired::Unchanged && self.plan_error.is_none() {
-            let actions = self.supervisor.want(true, Instant::now());
-            self.dispatch(actions);
-        }
+        // The next evaluation (every caller makes one) brings the tunnel
+        // back unless the rules now say down.
+        self.restore_up |= std::mem::take(&mut self.down_for_portal);
     }
 
     /// `vanectl portal`: opens the exemption, or closes it.
@@ -909,8 +955,14 @@ impl Daemon {
     fn going_to_sleep(&mut self, ready: tokio::sync::oneshot::Sender<()>) {
         info!("the machine is going to sleep");
         self.power.asleep = true;
+        // An exemption closes: its deadline runs on a clock that stops
+        // while asleep, and the portal may be gone at the wake.
+        if let Some(closed) = self.portal.close() {
+            self.portal_closed(closed);
+        }
         let _ = self.events.send(Event::Sleeping {});
-        if self.rules.rules().tunnel.disconnect_on_sleep && self.supervisor.wants_up() {
+        let wanted_up = self.supervisor.wants_up() || std::mem::take(&mut self.restore_up);
+        if self.rules.rules().tunnel.disconnect_on_sleep && wanted_up {
             info!("disconnect_on_sleep: the tunnel goes down until the wake");
             self.down_for_sleep = true;
             self.sleep_ready = Some(ready);
@@ -918,7 +970,8 @@ impl Daemon {
             self.dispatch(actions);
         } else {
             let _ = ready.send(());
-            self.publish();
+            self.restore_up = wanted_up && !self.supervisor.wants_up();
+            self.evaluate();
         }
     }
 
@@ -951,17 +1004,12 @@ impl Daemon {
         if let Some(ready) = self.sleep_ready.take() {
             let _ = ready.send(());
         }
-        let restore = std::mem::take(&mut self.down_for_sleep);
+        self.restore_up |= std::mem::take(&mut self.down_for_sleep);
         self.observer.resync();
         self.prober.expire_all();
-        self.portal.recheck();
+        self.portal.recheck(SystemTime::now());
         let _ = self.worker.send(WorkerMsg::Wake);
         self.evaluate();
-        if restore && self.decision.desired == Desired::Unchanged && self.plan_error.is_none() {
-            // Up before the sleep, and no rule says otherwise now.
-            let actions = self.supervisor.want(true, now);
-            self.dispatch(actions);
-        }
     }
 
     /// Whether the kill switch should be on: a full tunnel that the
@@ -1112,8 +1160,18 @@ impl Daemon {
 
     fn shut_down(&mut self) {
         self.shutting_down = true;
+        self.close_exemption_for_exit();
         let actions = self.supervisor.want(false, Instant::now());
         self.dispatch(actions);
+    }
+
+    /// vaned stops or hands over: an open exemption closes first (a kill
+    /// switch that outlives vaned, in lockdown, must not carry it).
+    fn close_exemption_for_exit(&mut self) {
+        if self.portal.close().is_some() {
+            info!("captive portal exemption closed: vaned stops");
+            let _ = self.worker.send(WorkerMsg::Portal(None));
+        }
     }
 
     /// Reads the rule file again and, with it, the tunnel's configuration.
@@ -1356,7 +1414,8 @@ impl Daemon {
                 || last.intent != status.intent
                 || last.rules != status.rules
                 || last.daemon.power != status.daemon.power
-                || last.network.captive_portal != status.network.captive_portal
+                || portal_change(&last.network.captive_portal)
+                    != portal_change(&status.network.captive_portal)
         });
         if changed {
             let line = match &self.plan_error {

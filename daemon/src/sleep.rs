@@ -39,6 +39,9 @@ pub enum Power {
     /// The machine woke up: from logind's word (`slept` unknown) or from
     /// the clocks (`slept` measured).
     Woke { slept: Option<Duration> },
+    /// logind, found on the bus, is not preparing for sleep (a wake may
+    /// have been announced while vaned was not listening).
+    Awake,
 }
 
 /// How long vaned waits before it looks for the bus or logind again (at
@@ -79,6 +82,11 @@ async fn follow_logind(tx: &mpsc::UnboundedSender<Power>) -> zbus::Result<()> {
     let mut owners = manager.receive_owner_changed().await?;
     let mut inhibitor = Some(inhibit(&manager).await?);
     info!("following logind: the tunnel is looked after before the machine sleeps and at once when it wakes");
+    if let Ok(false) = manager.get_property::<bool>("PreparingForSleep").await {
+        if tx.send(Power::Awake).is_err() {
+            return Ok(());
+        }
+    }
     loop {
         let message = tokio::select! {
             m = signals.next() => match m {

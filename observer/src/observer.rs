@@ -344,8 +344,6 @@ impl Observer {
         Ok(())
     }
 
-    /// How many times the event socket overran (each answered by a full
-    /// re-dump).
     /// Reads everything afresh (the kernel's links, addresses and routes,
     /// Wi-Fi, the SSID file, DNS), as at the start: after the machine
     /// woke up, when events may have been missed or come late.
@@ -353,6 +351,8 @@ impl Observer {
         let _ = self.commands.send(Command::Resync);
     }
 
+    /// How many times the event socket overran (each answered by a full
+    /// re-dump).
     pub fn overruns(&self) -> u64 {
         self.overruns.load(Ordering::Relaxed)
     }

@@ -76,7 +76,15 @@ impl Manager {
     }
     #[zbus(name = "SetLinkDomains")]
     fn set_link_domains(&self, ifindex: i32, domains: Vec<LinkDomain>) {
-        self.link(ifindex, |l| l.domains = domains);
+        // As resolved keeps them: normalized, without a final dot.
+        let kept = domains
+            .into_iter()
+            .map(|(n, r)| match n.as_str() {
+                "." => (n, r),
+                _ => (n.trim_end_matches('.').to_owned(), r),
+            })
+            .collect();
+        self.link(ifindex, |l| l.domains = kept);
     }
     #[zbus(name = "SetLinkDefaultRoute")]
     fn set_link_default_route(&self, ifindex: i32, enable: bool) {

@@ -302,6 +302,30 @@ fn behind_a_captive_portal_the_user_logs_in_through_a_narrow_exemption_and_nothi
         vaned.proc_.log()
     );
 
+    // Closed by the user's word: the tunnel is wanted up again at once,
+    // the exemption's addresses blocked again; then opened again.
+    let o = vaned.ctl(&["portal", "close"]);
+    assert!(o.status.success(), "{}", text(&o));
+    vaned.wait_state("up", UP).unwrap();
+    let s = vaned.status().unwrap();
+    assert!(
+        s["network"]["captive_portal"]["exemption"].is_null(),
+        "{s:#}"
+    );
+    assert!(
+        a.run_in(|| Ok(TcpStream::connect_timeout(
+            &(LOGIN_ADDR.parse::<std::net::IpAddr>()?, 80).into(),
+            Duration::from_millis(500)
+        )?))
+        .join()
+        .unwrap()
+        .is_err(),
+        "the portal is still let through"
+    );
+    let o = vaned.ctl(&["portal"]);
+    assert!(o.status.success(), "{}", text(&o));
+    vaned.wait_state("down", UP).unwrap();
+
     // The user logs in; the portal lets the tunnel's UDP through.
     let welcome = browse(a, "login.portal.test", "/login").unwrap();
     assert!(welcome.contains("welcome"), "{welcome}");

@@ -64,12 +64,19 @@ fn first_reply_time(log: &str) -> Option<f64> {
         .and_then(|t| t.parse().ok())
 }
 
-/// `vanectl watch` running, its output in a log.
+/// `vanectl watch` running, its output in a log; returned once it
+/// watches (it prints the status after its watch is registered).
 fn watch(vaned: &Vaned, ns: &Netns) -> Proc {
     let ctl = vane_e2e::vaned::vanectl_bin();
     let socket = vaned.socket.display().to_string();
-    ns.spawn(&ctl.to_string_lossy(), &["--socket", &socket, "watch"], &[])
-        .unwrap()
+    let w = ns
+        .spawn(&ctl.to_string_lossy(), &["--socket", &socket, "watch"], &[])
+        .unwrap();
+    wait_until(UP, "vanectl watch watching", || {
+        w.log().contains("decision:")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    w
 }
 
 #[test]

@@ -45,6 +45,8 @@ const SEND_BATCH_BYTES: usize = 256 * 1024;
 const TUN_WRITE_BATCH: usize = 64;
 /// How often boringtun's timers are driven (as boringtun's own device does).
 const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Forced handshakes (a wake, another network) at most this often.
+const FORCED_HANDSHAKE_GAP: Duration = Duration::from_secs(1);
 
 /// The state a configuration change replaces as a whole.
 struct Active {
@@ -689,6 +691,17 @@ impl Device {
         let mut out = vec![0u8; BUF_LEN];
         let mut next = Instant::now();
         let mut clocks = ClockWatch::default();
+        // The clocks and vaned's SIGUSR1 both report one wake: a second
+        // forced handshake within this would throw away the first's answer.
+        let mut last_forced: Option<Instant> = None;
+        let mut force = |why: &str, out: &mut [u8]| -> io::Result<()> {
+            if last_forced.is_some_and(|t| t.elapsed() < FORCED_HANDSHAKE_GAP) {
+                debug!("{why}: a handshake was started a moment ago");
+                return Ok(());
+            }
+            last_forced = Some(Instant::now());
+            self.handshake_all(out, stop)
+        };
         loop {
             let wait = next.saturating_duration_since(Instant::now());
             let mut fds = [
@@ -708,8 +721,10 @@ impl Device {
             }
             if is_ready(&fds[1]) {
                 let _ = self.woken.read();
-                debug!("told the machine woke up: a handshake with every peer now");
-                if self.handshake_all(&mut out, stop).is_err() {
+                debug!(
+                    "told to handshake now (a wake, another network): a handshake with every peer"
+                );
+                if force("told to handshake now", &mut out).is_err() {
                     return Ok(());
                 }
             }
@@ -723,7 +738,7 @@ impl Device {
                     slept_secs = slept.as_secs(),
                     "the machine slept: a handshake with every peer now"
                 );
-                if self.handshake_all(&mut out, stop).is_err() {
+                if force("the machine slept", &mut out).is_err() {
                     return Ok(());
                 }
             }

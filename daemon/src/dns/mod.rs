@@ -298,7 +298,18 @@ impl DnsManager {
     /// settings in systemd-resolved changed.
     pub async fn in_force(&mut self, ifindex: u32, dns: &TunnelDns) -> Result<bool, DnsError> {
         match self.backend {
-            Backend::Resolved => self.resolved.in_force(ifindex, dns).await,
+            // Bounded: the worker waits on it (resolved's own observer
+            // calls are held to 1 s too).
+            Backend::Resolved => {
+                tokio::time::timeout(Duration::from_secs(1), self.resolved.in_force(ifindex, dns))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(DnsError::DBus {
+                            method: "GetLink",
+                            source: Box::new(zbus::Error::Failure("no answer within 1 s".into())),
+                        })
+                    })
+            }
             Backend::Resolvconf => {
                 let path = &self.files.resolv;
                 let text = match std::fs::read_to_string(path) {

@@ -148,7 +148,19 @@ impl Resolved {
             .await
             .and_then(bool::try_from)
             .map_err(dbus("Get DefaultRoute"))?;
-        Ok(now_servers == servers && now_domains == domains && default_route == dns.full_tunnel)
+        // resolved keeps names normalized (no trailing dot, the root as
+        // "."): compared as names, not as strings.
+        let names = |d: Vec<LinkDomain>| -> Vec<(String, bool)> {
+            let mut v: Vec<(String, bool)> = d
+                .into_iter()
+                .map(|(n, route)| (n.trim_end_matches('.').to_ascii_lowercase(), route))
+                .collect();
+            v.sort();
+            v
+        };
+        Ok(now_servers == servers
+            && names(now_domains) == names(domains)
+            && default_route == dns.full_tunnel)
     }
 }
 
@@ -171,7 +183,10 @@ pub fn resolved_args(dns: &TunnelDns) -> (Vec<LinkDns>, Vec<LinkDomain>) {
         .collect();
     let mut domains: Vec<(String, bool)> = dns.search.iter().map(|d| (d.clone(), false)).collect();
     if dns.full_tunnel {
-        domains.push(("~.".to_owned(), true));
+        // The root as a routing-only domain: what `resolvectl domain IF
+        // '~.'` sends (the `~` is resolvectl's notation for the flag, not
+        // part of the name).
+        domains.push((".".to_owned(), true));
     }
     (servers, domains)
 }
@@ -197,7 +212,7 @@ mod tests {
         );
         assert_eq!(
             domains,
-            vec![("corp.example".to_owned(), false), ("~.".to_owned(), true)]
+            vec![("corp.example".to_owned(), false), (".".to_owned(), true)]
         );
         let (_, domains) = resolved_args(&dns(&["10.64.0.1"], &["corp.example"], false));
         assert_eq!(domains, vec![("corp.example".to_owned(), false)]);
@@ -335,7 +350,15 @@ mod bus_tests {
         #[zbus(name = "SetLinkDomains")]
         fn set_link_domains(&self, ifindex: i32, domains: Vec<(String, bool)>) {
             self.log(format!("SetLinkDomains {ifindex} {domains:?}"));
-            self.link(ifindex, |l| l.domains = domains);
+            // As resolved keeps them: normalized, without a final dot.
+            let kept = domains
+                .into_iter()
+                .map(|(n, r)| match n.as_str() {
+                    "." => (n, r),
+                    _ => (n.trim_end_matches('.').to_owned(), r),
+                })
+                .collect();
+            self.link(ifindex, |l| l.domains = kept);
         }
         #[zbus(name = "SetLinkDefaultRoute")]
         fn set_link_default_route(&self, ifindex: i32, enable: bool) {
@@ -417,7 +440,7 @@ mod bus_tests {
             *calls.lock().unwrap(),
             vec![
                 format!("SetLinkDNS 7 [(2, [10, 64, 0, 1]), (10, {fd00_53})]"),
-                r#"SetLinkDomains 7 [("corp.example", false), ("~.", true)]"#.to_owned(),
+                r#"SetLinkDomains 7 [("corp.example", false), (".", true)]"#.to_owned(),
                 "SetLinkDefaultRoute 7 true".to_owned(),
                 format!("SetLinkDNS 7 [(2, [10, 64, 0, 1]), (10, {fd00_53})]"),
                 "SetLinkDomains 7 []".to_owned(),
@@ -479,7 +502,7 @@ mod bus_tests {
             .with_bus(client.clone());
         let dns = TunnelDns {
             servers: vec!["10.64.0.1".parse().unwrap()],
-            search: vec!["corp.example".into()],
+            search: vec!["corp.example.".into()],
             full_tunnel: true,
         };
         m.apply("wg0", 7, &dns).await.unwrap();

@@ -21,30 +21,46 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// One DNS server's answer.
 const DNS_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Whether the check should go out: `tunnel` is the userspace API socket
-/// of a tunnel that is wanted up. It gets [`HANDSHAKE_GRACE`] to
-/// handshake; a handshake younger than [`SESSION_LIFE`] means it works
-/// and nothing is in its way ([`Found::Connected`], no check: nothing
-/// leaves outside the tunnel). Otherwise (no tunnel wanted, or it does
-/// not connect), the check.
+/// A tunnel that is wanted up, to ask before the check goes out: its
+/// userspace API socket, and since when a handshake proves it works (the
+/// network change or the wake; `None` at vaned's start: a handshake
+/// younger than [`SESSION_LIFE`]).
+pub struct Tunnel {
+    pub socket: std::path::PathBuf,
+    pub since: Option<std::time::SystemTime>,
+}
+
+/// Whether the check should go out: a tunnel that is wanted up gets
+/// [`HANDSHAKE_GRACE`] to handshake (vaned has told it to on a network
+/// change or a wake); a handshake that proves it works means nothing is in
+/// its way ([`Found::Connected`]: no check, nothing leaves outside the
+/// tunnel). Otherwise (no tunnel wanted, or it does not connect), the
+/// check.
 pub async fn check_unless_connected(
     url: &str,
     route: &Route,
     dns_servers: &[IpAddr],
-    tunnel: Option<&std::path::Path>,
+    tunnel: Option<Tunnel>,
 ) -> Found {
-    if let Some(path) = tunnel {
+    if let Some(t) = tunnel {
         tokio::time::sleep(HANDSHAKE_GRACE).await;
-        if let Ok(live) = crate::tunnel::uapi_client::get(path, Duration::from_secs(2)).await {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            let recent = live.peers.iter().any(|p| {
-                p.last_handshake
-                    .is_some_and(|h| now.saturating_sub(h) < SESSION_LIFE.as_secs())
-            });
-            if recent {
+        if let Ok(live) = crate::tunnel::uapi_client::get(&t.socket, Duration::from_secs(2)).await {
+            let secs = |w: std::time::SystemTime| {
+                w.duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            };
+            let now = secs(std::time::SystemTime::now());
+            let proves = |h: u64| match t.since {
+                // Whole seconds: a handshake in the same second counts.
+                Some(since) => h >= secs(since),
+                None => now.saturating_sub(h) < SESSION_LIFE.as_secs(),
+            };
+            if live
+                .peers
+                .iter()
+                .any(|p| p.last_handshake.is_some_and(proves))
+            {
                 return Found::Connected;
             }
         }

@@ -32,15 +32,13 @@ pub const RECHECK_PORTAL: Duration = Duration::from_secs(5);
 pub const RECHECK_EXEMPT: Duration = Duration::from_secs(1);
 /// No answer: tried again after this.
 pub const RECHECK_UNKNOWN: Duration = Duration::from_secs(30);
-/// Not checked because the tunnel is connected: looked at again after
-/// this (a session from the network before ages out within 180 s).
-pub const RECHECK_CONNECTED: Duration = Duration::from_secs(30);
 /// A tunnel that is wanted up gets this long to handshake before the
 /// check runs (it then goes outside the tunnel only when the tunnel does
 /// not work).
 pub const HANDSHAKE_GRACE: Duration = Duration::from_secs(2);
-/// A handshake younger than this is a working tunnel (WireGuard's
-/// REJECT_AFTER_TIME: a session is used at most this long).
+/// At vaned's start (no network change to compare with), a handshake
+/// younger than this is a working tunnel (WireGuard's REJECT_AFTER_TIME:
+/// a session is used at most this long).
 pub const SESSION_LIFE: Duration = Duration::from_secs(180);
 
 /// What one check found.
@@ -108,6 +106,12 @@ pub struct Portal {
     next_seq: u64,
     /// Check at the next chance, whatever the last result's age (a wake).
     stale: bool,
+    /// A network was seen before the current one.
+    seen_network: bool,
+    /// When the network changed or the machine woke: only a handshake
+    /// after it shows the tunnel works here (`None`: vaned's first
+    /// network, see [`SESSION_LIFE`]).
+    since: Option<SystemTime>,
     exemption: Option<Exemption>,
 }
 
@@ -144,21 +148,37 @@ impl Portal {
         self.stale = false;
     }
 
-    /// The network is `key` now (`None`: no usable network). Another
-    /// network forgets what was found and closes the exemption (returned).
-    pub fn set_network(&mut self, key: Option<&str>) -> Option<Closed> {
+    /// The network is `key` now (`None`: no usable network), at `wall`.
+    /// Another network forgets what was found and closes the exemption
+    /// (returned).
+    pub fn set_network(&mut self, key: Option<&str>, wall: SystemTime) -> Option<Closed> {
         if self.network.as_deref() == key {
             return None;
         }
+        if self.seen_network {
+            self.since = Some(wall);
+        }
+        self.seen_network |= key.is_some();
         self.network = key.map(str::to_owned);
         self.forget();
         self.exemption.take().map(|_| Closed::NetworkChanged)
     }
 
-    /// The machine woke up: what was found may be stale.
-    pub fn recheck(&mut self) {
+    /// The current network's key.
+    pub fn network(&self) -> Option<&str> {
+        self.network.as_deref()
+    }
+
+    /// Whether a network was seen since vaned started.
+    pub fn seen_network(&self) -> bool {
+        self.seen_network
+    }
+
+    /// The machine woke up at `wall`: what was found may be stale.
+    pub fn recheck(&mut self, wall: SystemTime) {
         self.running = None;
         self.stale = true;
+        self.since = Some(wall);
     }
 
     /// When the current result should be checked again: `Some(None)` now
@@ -180,8 +200,9 @@ impl Portal {
             }
             Some(Found::Portal { .. }) => Some(Some(at + RECHECK_PORTAL)),
             Some(Found::Unknown { .. }) => Some(Some(at + RECHECK_UNKNOWN)),
-            Some(Found::Connected) => Some(Some(at + RECHECK_CONNECTED)),
-            Some(Found::Open) | None => None,
+            // Nothing in the way: looked at again on another network or a
+            // wake (a periodic check would go outside an idle tunnel).
+            Some(Found::Open | Found::Connected) | None => None,
         }
     }
 
@@ -197,9 +218,9 @@ impl Portal {
         .min()
     }
 
-    /// A check to start now, if one is due: its network and sequence
-    /// number (marked running).
-    pub fn start(&mut self, now: Instant) -> Option<(String, u64)> {
+    /// A check to start now, if one is due: its network, sequence number
+    /// (marked running), and since when a handshake proves the tunnel.
+    pub fn start(&mut self, now: Instant) -> Option<(String, u64, Option<SystemTime>)> {
         match self.due_at() {
             Some(None) => {}
             Some(Some(t)) if t <= now => {}
@@ -209,7 +230,7 @@ impl Portal {
         self.next_seq += 1;
         self.running = Some(self.next_seq);
         self.stale = false;
-        Some((network, self.next_seq))
+        Some((network, self.next_seq, self.since))
     }
 
     /// A check answered. Returns whether it was taken (the running check
@@ -359,9 +380,9 @@ mod tests {
         let wall = SystemTime::UNIX_EPOCH;
         let mut p = Portal::new(true, URL);
         assert_eq!(p.start(t0), None, "no network");
-        assert_eq!(p.set_network(Some("cafe")), None);
+        assert_eq!(p.set_network(Some("cafe"), wall), None);
         assert_eq!(p.view().unwrap().state, PortalState::Checking);
-        let (net, seq) = p.start(t0).unwrap();
+        let (net, seq, _) = p.start(t0).unwrap();
         assert_eq!(p.start(t0), None, "running");
         assert_eq!(p.captive(), None);
         // A late answer of another check or network is dropped.
@@ -380,14 +401,14 @@ mod tests {
         assert_eq!(v.url.as_deref(), Some("http://login.example/"));
         assert_eq!(p.next_event(t0), Some(t0 + RECHECK_PORTAL));
         assert_eq!(p.start(t0 + RECHECK_PORTAL / 2), None);
-        let (net, seq) = p.start(t0 + RECHECK_PORTAL).unwrap();
+        let (net, seq, _) = p.start(t0 + RECHECK_PORTAL).unwrap();
         let t1 = t0 + RECHECK_PORTAL;
         assert_eq!(p.complete(&net, seq, Found::Open, t1, wall), (true, None));
         assert_eq!(p.captive(), Some(false));
         // No portal: not checked again on this network.
         assert_eq!(p.next_event(t0), None);
         // Unless the machine slept.
-        p.recheck();
+        p.recheck(wall);
         assert!(p.start(t1).is_some());
     }
 
@@ -397,12 +418,12 @@ mod tests {
         let wall = SystemTime::UNIX_EPOCH;
         let len = Duration::from_secs(300);
         let mut p = Portal::new(true, URL);
-        p.set_network(Some("cafe"));
+        p.set_network(Some("cafe"), wall);
         assert!(p
             .open(t0, wall, len, dns())
             .unwrap_err()
             .contains("no captive portal detected"));
-        let (net, seq) = p.start(t0).unwrap();
+        let (net, seq, _) = p.start(t0).unwrap();
         p.complete(&net, seq, Found::Open, t0, wall);
         assert!(p
             .open(t0, wall, len, dns())
@@ -410,8 +431,8 @@ mod tests {
             .contains("the check passes"));
 
         // Behind a portal.
-        p.set_network(Some("airport"));
-        let (net, seq) = p.start(t0).unwrap();
+        p.set_network(Some("airport"), wall);
+        let (net, seq, _) = p.start(t0).unwrap();
         p.complete(&net, seq, portal(), t0, wall);
         assert!(p.open(t0, wall, len, vec![]).is_err(), "no DNS server");
         let e = p.open(t0, wall, len, dns()).unwrap().clone();
@@ -422,12 +443,12 @@ mod tests {
         );
         assert!(p.view().unwrap().exemption.is_some());
         // Checked again at once, then every RECHECK_EXEMPT.
-        let (net, seq) = p.start(t0).unwrap();
+        let (net, seq, _) = p.start(t0).unwrap();
         assert_eq!(p.complete(&net, seq, portal(), t0, wall), (true, None));
         assert_eq!(p.next_event(t0), Some(t0 + RECHECK_EXEMPT));
         // 1. The check passes (logged in).
         let t1 = t0 + RECHECK_EXEMPT;
-        let (net, seq) = p.start(t1).unwrap();
+        let (net, seq, _) = p.start(t1).unwrap();
         assert_eq!(
             p.complete(&net, seq, Found::Open, t1, wall),
             (true, Some(Closed::Passed))
@@ -435,8 +456,8 @@ mod tests {
         assert!(p.exemption().is_none());
 
         // 2. Time up.
-        p.set_network(Some("hotel"));
-        let (net, seq) = p.start(t0).unwrap();
+        p.set_network(Some("hotel"), wall);
+        let (net, seq, _) = p.start(t0).unwrap();
         p.complete(&net, seq, portal(), t0, wall);
         p.open(t0, wall, len, dns()).unwrap();
         assert_eq!(p.expire(t0 + len / 2), None);
@@ -448,7 +469,10 @@ mod tests {
         assert_eq!(p.close(), None);
         // 4. Another network.
         p.open(t0, wall, len, dns()).unwrap();
-        assert_eq!(p.set_network(Some("train")), Some(Closed::NetworkChanged));
+        assert_eq!(
+            p.set_network(Some("train"), wall),
+            Some(Closed::NetworkChanged)
+        );
         assert!(p.exemption().is_none());
         assert_eq!(p.captive(), None);
     }
@@ -458,7 +482,7 @@ mod tests {
         let t0 = Instant::now();
         let wall = SystemTime::UNIX_EPOCH;
         let mut p = Portal::new(false, URL);
-        p.set_network(Some("cafe"));
+        p.set_network(Some("cafe"), wall);
         assert_eq!(p.start(t0), None);
         assert_eq!(p.view().unwrap().state, PortalState::Off);
         assert!(p
@@ -466,7 +490,7 @@ mod tests {
             .unwrap_err()
             .contains("off"));
         assert_eq!(p.configure(true, URL), None);
-        let (net, seq) = p.start(t0).unwrap();
+        let (net, seq, _) = p.start(t0).unwrap();
         let unknown = Found::Unknown {
             detail: "no answer within 5 s".into(),
         };
@@ -480,12 +504,15 @@ mod tests {
     }
 
     #[test]
-    fn a_connected_tunnel_counts_as_no_portal_and_is_looked_at_again() {
+    fn a_connected_tunnel_counts_as_no_portal_and_a_handshake_must_be_newer_than_the_network() {
         let t0 = Instant::now();
         let wall = SystemTime::UNIX_EPOCH;
+        let later = wall + Duration::from_secs(100);
         let mut p = Portal::new(true, URL);
-        p.set_network(Some("office"));
-        let (net, seq) = p.start(t0).unwrap();
+        p.set_network(Some("office"), wall);
+        // vaned's first network: no reference, a recent session proves it.
+        let (net, seq, since) = p.start(t0).unwrap();
+        assert_eq!(since, None);
         assert_eq!(
             p.complete(&net, seq, Found::Connected, t0, wall),
             (true, None)
@@ -494,11 +521,17 @@ mod tests {
         let v = p.view().unwrap();
         assert_eq!(v.state, PortalState::None);
         assert!(v.detail.unwrap().contains("connected"));
-        assert_eq!(p.next_event(t0), Some(t0 + RECHECK_CONNECTED));
-        // The session aged out behind a portal: found then.
-        let t1 = t0 + RECHECK_CONNECTED;
-        let (net, seq) = p.start(t1).unwrap();
-        p.complete(&net, seq, portal(), t1, wall);
+        assert_eq!(p.next_event(t0), None, "not looked at again on its own");
+        // Another network: only a handshake after the change counts.
+        p.set_network(Some("cafe"), later);
+        let (net, seq, since) = p.start(t0).unwrap();
+        assert_eq!(since, Some(later));
+        p.complete(&net, seq, portal(), t0, wall);
         assert_eq!(p.captive(), Some(true));
+        // A wake: likewise, from the wake.
+        let wake = later + Duration::from_secs(50);
+        p.recheck(wake);
+        let (_, _, since) = p.start(t0).unwrap();
+        assert_eq!(since, Some(wake));
     }
 }

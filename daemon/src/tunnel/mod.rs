@@ -280,7 +280,7 @@ impl Worker {
     /// takes precedence).
     pub async fn check_dns(&mut self) {
         let Some(shell) = &mut self.dns else { return };
-        if !self.up || !shell.applied {
+        if !self.up || !shell.applied || self.reasserts.gave_up {
             return;
         }
         let index = rtnl::link_index(&self.plan.ifname).unwrap_or(0);
