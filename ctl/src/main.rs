@@ -76,7 +76,7 @@ enum Command {
     },
     /// Behind a captive portal: `open` (the default) takes the tunnel down
     /// and lets out only the network's DNS and the portal's addresses
-    /// (TCP 80, 443) so you can log in, until the check passes or the time
+    /// (TCP 80, 443 and its own port) so you can log in, until the check passes or the time
     /// is up; `close` ends it now.
     Portal {
         #[arg(value_enum, default_value = "open")]

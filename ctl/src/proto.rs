@@ -408,8 +408,11 @@ pub struct ExemptionView {
     pub until: u64,
     /// The network's DNS servers it lets queries go to.
     pub dns_servers: Vec<IpAddr>,
-    /// The portal's addresses it lets TCP 80 and 443 go to.
+    /// The portal's addresses it lets TCP go to, on `portal_ports`.
     pub portal_addresses: Vec<IpAddr>,
+    /// 80, 443, and the ports of the portal's page and the check URL.
+    #[serde(default)]
+    pub portal_ports: Vec<u16>,
 }
 
 impl From<&NetworkSnapshot> for NetworkView {

@@ -250,9 +250,14 @@ fn portal(p: &vane_ctl::proto::PortalView) -> String {
                 .join(" ")
         };
         s.push_str(&format!(
-            "  exemption open until {} (unix time): DNS to {}, TCP 80/443 to {}; the tunnel is down meanwhile (`vanectl portal close` ends it)\n",
+            "  exemption open until {} (unix time): DNS to {}, TCP {} to {}; the tunnel is down meanwhile (`vanectl portal close` ends it)\n",
             e.until,
             list(&e.dns_servers),
+            e.portal_ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
             list(&e.portal_addresses)
         ));
     }

@@ -935,13 +935,15 @@ impl Daemon {
         info!(
             dns = ?exemption.dns_servers,
             portal = ?exemption.portal_addresses,
+            ports = ?exemption.portal_ports,
             seconds = length.as_secs(),
-            "captive portal exemption open: the tunnel goes down, and only the network's DNS and the portal's addresses (TCP 80, 443) are let out"
+            "captive portal exemption open: the tunnel goes down, and only the network's DNS and the portal (its addresses, TCP 80, 443 and its own ports) are let out"
         );
         let _ = self.worker.send(WorkerMsg::Portal(Some(
             crate::net::killswitch::PortalExemption {
                 dns_servers: exemption.dns_servers,
                 portal_addresses: exemption.portal_addresses,
+                portal_ports: exemption.portal_ports,
             },
         )));
         self.evaluate();

@@ -67,6 +67,8 @@ pub struct Exemption {
     pub until_wall: SystemTime,
     pub dns_servers: Vec<IpAddr>,
     pub portal_addresses: Vec<IpAddr>,
+    /// 80, 443, and the ports of the portal's page and the check URL.
+    pub portal_ports: Vec<u16>,
 }
 
 /// Why an exemption closed.
@@ -277,8 +279,10 @@ impl Portal {
         length: Duration,
         dns_servers: Vec<IpAddr>,
     ) -> Result<&Exemption, String> {
-        let addresses = match &self.found {
-            Some(Found::Portal { addresses, .. }) if !addresses.is_empty() => addresses.clone(),
+        let (addresses, page) = match &self.found {
+            Some(Found::Portal { addresses, url, .. }) if !addresses.is_empty() => {
+                (addresses.clone(), url.clone())
+            }
             Some(Found::Portal { url, .. }) => {
                 return Err(format!(
                     "the portal's page {url} has no address the network's DNS would give"
@@ -297,11 +301,20 @@ impl Portal {
         if dns_servers.is_empty() {
             return Err("the network has no DNS server to look the portal up with".into());
         }
+        let mut portal_ports = vec![80, 443];
+        for url in [page.as_str(), self.check_url.as_str()] {
+            if let Ok(t) = crate::probe::http::Target::parse(url) {
+                portal_ports.push(t.port);
+            }
+        }
+        portal_ports.sort_unstable();
+        portal_ports.dedup();
         self.exemption = Some(Exemption {
             until: now + length,
             until_wall: wall + length,
             dns_servers,
             portal_addresses: addresses,
+            portal_ports,
         });
         // Checked again soon: the login may be quick.
         self.stale = true;
@@ -351,6 +364,7 @@ impl Portal {
                 until: unix_secs(e.until_wall),
                 dns_servers: e.dns_servers.clone(),
                 portal_addresses: e.portal_addresses.clone(),
+                portal_ports: e.portal_ports.clone(),
             }),
         })
     }
@@ -441,6 +455,7 @@ mod tests {
             e.portal_addresses,
             vec!["203.0.113.81".parse::<IpAddr>().unwrap()]
         );
+        assert_eq!(e.portal_ports, vec![80, 443]);
         assert!(p.view().unwrap().exemption.is_some());
         // Checked again at once, then every RECHECK_EXEMPT.
         let (net, seq, _) = p.start(t0).unwrap();
@@ -533,5 +548,26 @@ mod tests {
         p.recheck(wake);
         let (_, _, since) = p.start(t0).unwrap();
         assert_eq!(since, Some(wake));
+    }
+
+    #[test]
+    fn a_portal_on_another_port_is_let_through_on_it() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH;
+        let mut p = Portal::new(true, "http://check.example:8080/204");
+        p.set_network(Some("hotel"), wall);
+        let (net, seq, _) = p.start(t0).unwrap();
+        let page = Found::Portal {
+            url: "https://login.example:8003/auth".into(),
+            detail: "HTTP 302".into(),
+            addresses: vec!["203.0.113.81".parse().unwrap()],
+        };
+        p.complete(&net, seq, page, t0, wall);
+        let e = p.open(t0, wall, Duration::from_secs(60), dns()).unwrap();
+        assert_eq!(e.portal_ports, vec![80, 443, 8003, 8080]);
+        assert_eq!(
+            p.view().unwrap().exemption.unwrap().portal_ports,
+            vec![80, 443, 8003, 8080]
+        );
     }
 }

@@ -64,6 +64,8 @@ pub struct Spec {
 pub struct PortalExemption {
     pub dns_servers: Vec<IpAddr>,
     pub portal_addresses: Vec<IpAddr>,
+    /// The TCP ports let through to them (80, 443, the portal's own).
+    pub portal_ports: Vec<u16>,
 }
 /// A [`Spec`] the kill switch cannot be built from.
 #[derive(Debug, thiserror::Error)]
@@ -343,7 +345,7 @@ fn portal_rules(chain: &str, p: &PortalExemption) -> Vec<Value> {
                 chain,
                 vec![
                     eq(payload(family, "daddr"), json!({"set": hosts})),
-                    eq(payload("tcp", "dport"), json!({"set": [80, 443]})),
+                    eq(payload("tcp", "dport"), json!({"set": p.portal_ports})),
                     json!({"counter": {"packets": 0, "bytes": 0}}),
                     accept(),
                 ],
@@ -574,12 +576,13 @@ mod tests {
     }
 
     #[test]
-    fn the_portal_exemption_lets_out_dns_to_the_network_and_the_portal_on_80_and_443_before_any_drop(
+    fn the_portal_exemption_lets_out_dns_to_the_network_and_the_portal_on_its_ports_before_any_drop(
     ) {
         let mut sp = spec(&[]);
         sp.portal = Some(PortalExemption {
             dns_servers: vec!["192.0.2.53".parse().unwrap(), "fd00::53".parse().unwrap()],
             portal_addresses: vec!["203.0.113.81".parse().unwrap()],
+            portal_ports: vec![80, 443, 8002],
         });
         let doc = ruleset(&sp).unwrap();
         let rules: Vec<&Value> = doc["nftables"]
@@ -595,7 +598,7 @@ mod tests {
             .filter(|(_, r)| r["comment"] == PORTAL_COMMENT)
             .map(|(i, _)| i)
             .collect();
-        // UDP and TCP 53 for each family's server, 80/443 for the IPv4
+        // UDP and TCP 53 for each family's server, the ports for the IPv4
         // portal address (no IPv6 one).
         assert_eq!(exempt.len(), 5, "{rules:#?}");
         let first_drop = rules
@@ -609,7 +612,7 @@ mod tests {
                 && text.contains("192.0.2.53")
                 && text.contains("fd00::53")
         );
-        assert!(text.contains("[80,443]"), "{text}");
+        assert!(text.contains("[80,443,8002]"), "{text}");
         // Not in the forward chain: the exemption is the host's own
         // browser, not a routed container's.
         let forward = serde_json::to_string(&doc).unwrap();
