@@ -778,7 +778,12 @@ impl Daemon {
         // Down for a sleep or an exemption that is over: up again unless
         // the rules now say down ("unchanged" keeps what was before it).
         let desired = match self.decision.desired {
-            Desired::Unchanged if std::mem::take(&mut self.restore_up) => Desired::Up,
+            // Kept (and the kill switch with it) while the tunnel's
+            // configuration cannot be used.
+            Desired::Unchanged if self.restore_up && self.plan_error.is_none() => {
+                self.restore_up = false;
+                Desired::Up
+            }
             d => {
                 if d != Desired::Unchanged {
                     self.restore_up = false;
@@ -831,9 +836,18 @@ impl Daemon {
         if !self.portal_allowed() {
             return;
         }
-        let Some((network, seq, since)) = self.portal.start(Instant::now()) else {
+        let Some(crate::portal::Start {
+            network,
+            seq,
+            since,
+            handshake_first,
+        }) = self.portal.start(Instant::now(), SystemTime::now())
+        else {
             return;
         };
+        if handshake_first && self.supervisor.wants_up() {
+            let _ = self.worker.send(WorkerMsg::Wake);
+        }
         let url = self.portal.check_url().to_owned();
         let route = crate::probe::fetch::Route::uplinks(snapshot, self.plan.device.fwmark);
         let servers = snapshot.dns.servers.clone();
@@ -1022,7 +1036,10 @@ impl Daemon {
         self.lockdown()
             || (self.plan.full.is_some()
                 && !self.shutting_down
-                && (self.supervisor.wants_up() || self.down_for_sleep || self.down_for_portal))
+                && (self.supervisor.wants_up()
+                    || self.down_for_sleep
+                    || self.down_for_portal
+                    || self.restore_up))
     }
 
     /// Lockdown in force: the rule file's `lockdown = true` for a full
@@ -1225,6 +1242,9 @@ impl Daemon {
                     if restart {
                         info!("the tunnel's configuration changed: restarting it");
                         actions = self.supervisor.want(false, now);
+                        // Started again by the next decision, also one
+                        // that leaves the tunnel as it is.
+                        self.restore_up = true;
                     }
                     // The old plan stops the old tunnel; the new one starts.
                     for a in actions {

@@ -691,19 +691,18 @@ impl Device {
         let mut out = vec![0u8; BUF_LEN];
         let mut next = Instant::now();
         let mut clocks = ClockWatch::default();
-        // The clocks and vaned's SIGUSR1 both report one wake: a second
-        // forced handshake within this would throw away the first's answer.
-        let mut last_forced: Option<Instant> = None;
-        let mut force = |why: &str, out: &mut [u8]| -> io::Result<()> {
-            if last_forced.is_some_and(|t| t.elapsed() < FORCED_HANDSHAKE_GAP) {
-                debug!("{why}: a handshake was started a moment ago");
-                return Ok(());
-            }
-            last_forced = Some(Instant::now());
-            self.handshake_all(out, stop)
-        };
+        // Forced handshakes (vaned's SIGUSR1: a wake, another network; the
+        // clocks: a sleep) at most one per FORCED_HANDSHAKE_GAP: a second
+        // one right after would throw away the first's answer. One asked
+        // for within the gap is not dropped but made when the gap ends (it
+        // may be for a network that came after the first).
+        let mut forced = Forced::default();
         loop {
-            let wait = next.saturating_duration_since(Instant::now());
+            let now = Instant::now();
+            let mut wait = next.saturating_duration_since(now);
+            if let Some(at) = forced.pending_at() {
+                wait = wait.min(at.saturating_duration_since(now));
+            }
             let mut fds = [
                 PollFd::new(stop.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.woken.as_fd(), PollFlags::POLLIN),
@@ -721,29 +720,29 @@ impl Device {
             }
             if is_ready(&fds[1]) {
                 let _ = self.woken.read();
-                debug!(
-                    "told to handshake now (a wake, another network): a handshake with every peer"
-                );
-                if force("told to handshake now", &mut out).is_err() {
+                debug!("told to handshake now (a wake, another network)");
+                forced.ask();
+            }
+            if Instant::now() >= next {
+                // A late tick delays the next one rather than bunching up.
+                next = Instant::now() + TIMER_TICK;
+                if let Some(slept) = read_clocks().and_then(|(b, m)| clocks.observe(b, m)) {
+                    info!(
+                        slept_secs = slept.as_secs(),
+                        "the machine slept: a handshake with every peer now"
+                    );
+                    // The gap was measured on a clock that stopped.
+                    forced.slept();
+                    forced.ask();
+                }
+                if forced.due(Instant::now()) && self.handshake_all(&mut out, stop).is_err() {
                     return Ok(());
                 }
-            }
-            if Instant::now() < next {
-                continue;
-            }
-            // A late tick delays the next one rather than bunching up.
-            next = Instant::now() + TIMER_TICK;
-            if let Some(slept) = read_clocks().and_then(|(b, m)| clocks.observe(b, m)) {
-                info!(
-                    slept_secs = slept.as_secs(),
-                    "the machine slept: a handshake with every peer now"
-                );
-                if force("the machine slept", &mut out).is_err() {
+                if self.tick_timers(&mut out, stop).is_err() {
+                    // Only a stop ends a round early.
                     return Ok(());
                 }
-            }
-            if self.tick_timers(&mut out, stop).is_err() {
-                // Only a stop ends a round early.
+            } else if forced.due(Instant::now()) && self.handshake_all(&mut out, stop).is_err() {
                 return Ok(());
             }
         }
@@ -848,6 +847,44 @@ impl UapiHandler for Device {
         // Parsed and validated against the configuration in force, then
         // applied whole; a concurrent set waits for this one.
         self.update(|current| uapi::apply_set(current, body))
+    }
+}
+
+/// When forced handshakes are made (see `Device::timer_loop`). Plain
+/// bookkeeping, time passed in.
+#[derive(Debug, Default)]
+struct Forced {
+    last: Option<Instant>,
+    pending: bool,
+}
+
+impl Forced {
+    /// A forced handshake is asked for.
+    fn ask(&mut self) {
+        self.pending = true;
+    }
+
+    /// The machine slept: the last one's time says nothing.
+    fn slept(&mut self) {
+        self.last = None;
+    }
+
+    /// When a pending one may be made.
+    fn pending_at(&self) -> Option<Instant> {
+        self.pending.then(|| {
+            self.last
+                .map_or_else(Instant::now, |t| t + FORCED_HANDSHAKE_GAP)
+        })
+    }
+
+    /// Whether to make it now (then counted as made).
+    fn due(&mut self, now: Instant) -> bool {
+        if !self.pending || self.last.is_some_and(|t| now < t + FORCED_HANDSHAKE_GAP) {
+            return false;
+        }
+        self.pending = false;
+        self.last = Some(now);
+        true
     }
 }
 
@@ -1125,4 +1162,29 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 
 fn zeroed_buffers(count: usize, len: usize) -> Vec<Vec<u8>> {
     (0..count).map(|_| vec![0u8; len]).collect()
+}
+
+#[cfg(test)]
+mod forced_tests {
+    use super::*;
+
+    #[test]
+    fn forced_handshakes_are_spaced_not_dropped() {
+        let t0 = Instant::now();
+        let mut f = Forced::default();
+        assert!(!f.due(t0), "nothing asked");
+        f.ask();
+        assert!(f.due(t0));
+        assert!(!f.due(t0), "made once");
+        // Asked again within the gap: made when the gap ends.
+        f.ask();
+        assert!(!f.due(t0 + FORCED_HANDSHAKE_GAP / 2));
+        assert_eq!(f.pending_at(), Some(t0 + FORCED_HANDSHAKE_GAP));
+        assert!(f.due(t0 + FORCED_HANDSHAKE_GAP));
+        assert_eq!(f.pending_at(), None);
+        // After a sleep the gap does not hold (its clock stopped).
+        f.ask();
+        f.slept();
+        assert!(f.due(t0 + FORCED_HANDSHAKE_GAP));
+    }
 }

@@ -32,6 +32,10 @@ pub const RECHECK_PORTAL: Duration = Duration::from_secs(5);
 pub const RECHECK_EXEMPT: Duration = Duration::from_secs(1);
 /// No answer: tried again after this.
 pub const RECHECK_UNKNOWN: Duration = Duration::from_secs(30);
+/// A connected tunnel is asked again this often whether it still works
+/// (with a handshake it is told to make: about WireGuard's own rekeying
+/// pace of 120 s under traffic).
+pub const RECHECK_CONNECTED: Duration = Duration::from_secs(150);
 /// A tunnel that is wanted up gets this long to handshake before the
 /// check runs (it then goes outside the tunnel only when the tunnel does
 /// not work).
@@ -58,6 +62,19 @@ pub enum Found {
     /// Not checked: the tunnel is connected (a recent handshake), so
     /// nothing is in its way, and nothing needs to leave outside it.
     Connected,
+}
+
+/// A check to start (see [`Portal::start`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Start {
+    pub network: String,
+    pub seq: u64,
+    /// Only a handshake after this proves the tunnel (`None`: one younger
+    /// than [`SESSION_LIFE`]).
+    pub since: Option<SystemTime>,
+    /// Tell the tunnel to handshake now (a periodic look at a connected
+    /// tunnel; a network change or a wake tells it already).
+    pub handshake_first: bool,
 }
 
 /// An open exemption.
@@ -202,9 +219,13 @@ impl Portal {
             }
             Some(Found::Portal { .. }) => Some(Some(at + RECHECK_PORTAL)),
             Some(Found::Unknown { .. }) => Some(Some(at + RECHECK_UNKNOWN)),
-            // Nothing in the way: looked at again on another network or a
-            // wake (a periodic check would go outside an idle tunnel).
-            Some(Found::Open | Found::Connected) | None => None,
+            // The tunnel works: asked again now and then whether it still
+            // does (a portal whose free time ran out), by a handshake it is
+            // told to make, so nothing goes outside it while it works.
+            Some(Found::Connected) => Some(Some(at + RECHECK_CONNECTED)),
+            // No portal and no tunnel wanted: again on another network or
+            // a wake.
+            Some(Found::Open) | None => None,
         }
     }
 
@@ -222,17 +243,28 @@ impl Portal {
 
     /// A check to start now, if one is due: its network, sequence number
     /// (marked running), and since when a handshake proves the tunnel.
-    pub fn start(&mut self, now: Instant) -> Option<(String, u64, Option<SystemTime>)> {
+    pub fn start(&mut self, now: Instant, wall: SystemTime) -> Option<Start> {
         match self.due_at() {
             Some(None) => {}
             Some(Some(t)) if t <= now => {}
             _ => return None,
         }
         let network = self.network.clone()?;
+        // Asking a connected tunnel again: only a handshake from now on
+        // counts, and the daemon tells it to make one.
+        let handshake_first = !self.stale && self.found == Some(Found::Connected);
+        if handshake_first {
+            self.since = Some(wall);
+        }
         self.next_seq += 1;
         self.running = Some(self.next_seq);
         self.stale = false;
-        Some((network, self.next_seq, self.since))
+        Some(Start {
+            network,
+            seq: self.next_seq,
+            since: self.since,
+            handshake_first,
+        })
     }
 
     /// A check answered. Returns whether it was taken (the running check
@@ -294,7 +326,12 @@ impl Portal {
                 )
             }
             Some(Found::Open | Found::Connected) => {
-                return Err("no captive portal on this network: the check passes".into())
+                // The user sees a portal vaned does not: look again.
+                self.recheck(wall);
+                return Err(
+                    "no captive portal on this network: the check passes; checking again now (try again in a few seconds)"
+                        .into(),
+                );
             }
             _ => return Err("no captive portal detected on this network (yet)".into()),
         };
@@ -393,11 +430,13 @@ mod tests {
         let t0 = Instant::now();
         let wall = SystemTime::UNIX_EPOCH;
         let mut p = Portal::new(true, URL);
-        assert_eq!(p.start(t0), None, "no network");
+        assert_eq!(p.start(t0, wall), None, "no network");
         assert_eq!(p.set_network(Some("cafe"), wall), None);
         assert_eq!(p.view().unwrap().state, PortalState::Checking);
-        let (net, seq, _) = p.start(t0).unwrap();
-        assert_eq!(p.start(t0), None, "running");
+        let Start {
+            network: net, seq, ..
+        } = p.start(t0, wall).unwrap();
+        assert_eq!(p.start(t0, wall), None, "running");
         assert_eq!(p.captive(), None);
         // A late answer of another check or network is dropped.
         assert_eq!(
@@ -414,8 +453,10 @@ mod tests {
         assert_eq!(v.state, PortalState::Portal);
         assert_eq!(v.url.as_deref(), Some("http://login.example/"));
         assert_eq!(p.next_event(t0), Some(t0 + RECHECK_PORTAL));
-        assert_eq!(p.start(t0 + RECHECK_PORTAL / 2), None);
-        let (net, seq, _) = p.start(t0 + RECHECK_PORTAL).unwrap();
+        assert_eq!(p.start(t0 + RECHECK_PORTAL / 2, wall), None);
+        let Start {
+            network: net, seq, ..
+        } = p.start(t0 + RECHECK_PORTAL, wall).unwrap();
         let t1 = t0 + RECHECK_PORTAL;
         assert_eq!(p.complete(&net, seq, Found::Open, t1, wall), (true, None));
         assert_eq!(p.captive(), Some(false));
@@ -423,7 +464,7 @@ mod tests {
         assert_eq!(p.next_event(t0), None);
         // Unless the machine slept.
         p.recheck(wall);
-        assert!(p.start(t1).is_some());
+        assert!(p.start(t1, wall).is_some());
     }
 
     #[test]
@@ -437,16 +478,25 @@ mod tests {
             .open(t0, wall, len, dns())
             .unwrap_err()
             .contains("no captive portal detected"));
-        let (net, seq, _) = p.start(t0).unwrap();
+        let Start {
+            network: net, seq, ..
+        } = p.start(t0, wall).unwrap();
         p.complete(&net, seq, Found::Open, t0, wall);
-        assert!(p
-            .open(t0, wall, len, dns())
-            .unwrap_err()
-            .contains("the check passes"));
+        let e = p.open(t0, wall, len, dns()).unwrap_err();
+        assert!(
+            e.contains("the check passes") && e.contains("checking again"),
+            "{e}"
+        );
+        assert!(
+            p.start(t0, wall).is_some(),
+            "the user's doubt makes a check"
+        );
 
         // Behind a portal.
         p.set_network(Some("airport"), wall);
-        let (net, seq, _) = p.start(t0).unwrap();
+        let Start {
+            network: net, seq, ..
+        } = p.start(t0, wall).unwrap();
         p.complete(&net, seq, portal(), t0, wall);
         assert!(p.open(t0, wall, len, vec![]).is_err(), "no DNS server");
         let e = p.open(t0, wall, len, dns()).unwrap().clone();
@@ -458,12 +508,16 @@ mod tests {
         assert_eq!(e.portal_ports, vec![80, 443]);
         assert!(p.view().unwrap().exemption.is_some());
         // Checked again at once, then every RECHECK_EXEMPT.
-        let (net, seq, _) = p.start(t0).unwrap();
+        let Start {
+            network: net, seq, ..
+        } = p.start(t0, wall).unwrap();
         assert_eq!(p.complete(&net, seq, portal(), t0, wall), (true, None));
         assert_eq!(p.next_event(t0), Some(t0 + RECHECK_EXEMPT));
         // 1. The check passes (logged in).
         let t1 = t0 + RECHECK_EXEMPT;
-        let (net, seq, _) = p.start(t1).unwrap();
+        let Start {
+            network: net, seq, ..
+        } = p.start(t1, wall).unwrap();
         assert_eq!(
             p.complete(&net, seq, Found::Open, t1, wall),
             (true, Some(Closed::Passed))
@@ -472,7 +526,9 @@ mod tests {
 
         // 2. Time up.
         p.set_network(Some("hotel"), wall);
-        let (net, seq, _) = p.start(t0).unwrap();
+        let Start {
+            network: net, seq, ..
+        } = p.start(t0, wall).unwrap();
         p.complete(&net, seq, portal(), t0, wall);
         p.open(t0, wall, len, dns()).unwrap();
         assert_eq!(p.expire(t0 + len / 2), None);
@@ -498,14 +554,16 @@ mod tests {
         let wall = SystemTime::UNIX_EPOCH;
         let mut p = Portal::new(false, URL);
         p.set_network(Some("cafe"), wall);
-        assert_eq!(p.start(t0), None);
+        assert_eq!(p.start(t0, wall), None);
         assert_eq!(p.view().unwrap().state, PortalState::Off);
         assert!(p
             .open(t0, wall, Duration::from_secs(60), dns())
             .unwrap_err()
             .contains("off"));
         assert_eq!(p.configure(true, URL), None);
-        let (net, seq, _) = p.start(t0).unwrap();
+        let Start {
+            network: net, seq, ..
+        } = p.start(t0, wall).unwrap();
         let unknown = Found::Unknown {
             detail: "no answer within 5 s".into(),
         };
@@ -526,7 +584,12 @@ mod tests {
         let mut p = Portal::new(true, URL);
         p.set_network(Some("office"), wall);
         // vaned's first network: no reference, a recent session proves it.
-        let (net, seq, since) = p.start(t0).unwrap();
+        let Start {
+            network: net,
+            seq,
+            since,
+            ..
+        } = p.start(t0, wall).unwrap();
         assert_eq!(since, None);
         assert_eq!(
             p.complete(&net, seq, Found::Connected, t0, wall),
@@ -536,17 +599,31 @@ mod tests {
         let v = p.view().unwrap();
         assert_eq!(v.state, PortalState::None);
         assert!(v.detail.unwrap().contains("connected"));
-        assert_eq!(p.next_event(t0), None, "not looked at again on its own");
+        // Asked again later, by a handshake the tunnel is told to make.
+        assert_eq!(p.next_event(t0), Some(t0 + RECHECK_CONNECTED));
+        let again = wall + RECHECK_CONNECTED;
+        let s = p.start(t0 + RECHECK_CONNECTED, again).unwrap();
+        assert!(s.handshake_first);
+        assert_eq!(s.since, Some(again));
+        assert_eq!(
+            p.complete(&s.network, s.seq, Found::Connected, t0, wall),
+            (true, None)
+        );
         // Another network: only a handshake after the change counts.
         p.set_network(Some("cafe"), later);
-        let (net, seq, since) = p.start(t0).unwrap();
+        let Start {
+            network: net,
+            seq,
+            since,
+            ..
+        } = p.start(t0, wall).unwrap();
         assert_eq!(since, Some(later));
         p.complete(&net, seq, portal(), t0, wall);
         assert_eq!(p.captive(), Some(true));
         // A wake: likewise, from the wake.
         let wake = later + Duration::from_secs(50);
         p.recheck(wake);
-        let (_, _, since) = p.start(t0).unwrap();
+        let Start { since, .. } = p.start(t0, wall).unwrap();
         assert_eq!(since, Some(wake));
     }
 
@@ -556,7 +633,9 @@ mod tests {
         let wall = SystemTime::UNIX_EPOCH;
         let mut p = Portal::new(true, "http://check.example:8080/204");
         p.set_network(Some("hotel"), wall);
-        let (net, seq, _) = p.start(t0).unwrap();
+        let Start {
+            network: net, seq, ..
+        } = p.start(t0, wall).unwrap();
         let page = Found::Portal {
             url: "https://login.example:8003/auth".into(),
             detail: "HTTP 302".into(),
