@@ -281,13 +281,7 @@ fn behind_a_captive_portal_the_user_logs_in_through_a_narrow_exemption_and_nothi
     // ... and nothing else does: another host on port 80, a name the
     // portal's DNS does not know still resolves nowhere useful.
     assert!(
-        a.run_in(|| Ok(TcpStream::connect_timeout(
-            &(NET4.parse::<std::net::IpAddr>()?, 80).into(),
-            Duration::from_millis(500)
-        )?))
-        .join()
-        .unwrap()
-        .is_err(),
+        !tcp_connects(a, NET4),
         "a connection outside the portal went through"
     );
     let r = rounds.load(Ordering::Relaxed);
@@ -313,13 +307,7 @@ fn behind_a_captive_portal_the_user_logs_in_through_a_narrow_exemption_and_nothi
         "{s:#}"
     );
     assert!(
-        a.run_in(|| Ok(TcpStream::connect_timeout(
-            &(LOGIN_ADDR.parse::<std::net::IpAddr>()?, 80).into(),
-            Duration::from_millis(500)
-        )?))
-        .join()
-        .unwrap()
-        .is_err(),
+        !tcp_connects(a, LOGIN_ADDR),
         "the portal is still let through"
     );
     let o = vaned.ctl(&["portal"]);
@@ -382,6 +370,20 @@ fn behind_a_captive_portal_the_user_logs_in_through_a_narrow_exemption_and_nothi
         portal_packets(),
         other() - baseline
     );
+}
+
+/// Whether a TCP connection from `ns` to `addr` port 80 is made within
+/// 0.5 s (the kill switch refuses one at once).
+fn tcp_connects(ns: &Netns, addr: &'static str) -> bool {
+    ns.run_in(move || {
+        Ok(TcpStream::connect_timeout(
+            &(addr.parse::<std::net::IpAddr>()?, 80).into(),
+            Duration::from_millis(500),
+        )?)
+    })
+    .join()
+    .unwrap()
+    .is_ok()
 }
 
 /// Retries `f` for a few seconds (the exemption's kill switch and the

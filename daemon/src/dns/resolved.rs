@@ -469,23 +469,6 @@ mod bus_tests {
         assert!(err.to_string().contains("SetLinkDNS"), "{err}");
     }
 
-    /// A Manager call from another client of the bus.
-    async fn as_another_program<B>(other: &zbus::Connection, method: &str, body: &B)
-    where
-        B: serde::Serialize + zbus::zvariant::DynamicType,
-    {
-        other
-            .call_method(
-                Some(RESOLVE1),
-                RESOLVE1_PATH,
-                Some(RESOLVE1_MANAGER),
-                method,
-                body,
-            )
-            .await
-            .unwrap();
-    }
-
     #[tokio::test]
     async fn a_link_setting_another_program_changed_is_noticed() {
         let bus = private_bus();
@@ -508,19 +491,28 @@ mod bus_tests {
         m.apply("wg0", 7, &dns).await.unwrap();
         assert!(m.in_force(7, &dns).await.unwrap());
         // `resolvectl dns wg0 192.168.1.1` by someone else.
-        let other = connect(&bus.address).await;
+        // Another client of the bus, making the same calls vaned does.
+        let mut other = Resolved {
+            bus: Some(connect(&bus.address).await),
+        };
         let servers: Vec<LinkDns> = vec![(libc::AF_INET, vec![192, 168, 1, 1])];
-        as_another_program(&other, "SetLinkDNS", &(7i32, servers)).await;
+        other.call("SetLinkDNS", &(7i32, servers)).await.unwrap();
         assert!(!m.in_force(7, &dns).await.unwrap());
         m.apply("wg0", 7, &dns).await.unwrap();
         assert!(m.in_force(7, &dns).await.unwrap());
         // The routing domain taken away: queries no longer all go to ours.
         let domains: Vec<LinkDomain> = vec![("corp.example".into(), false)];
-        as_another_program(&other, "SetLinkDomains", &(7i32, domains)).await;
+        other
+            .call("SetLinkDomains", &(7i32, domains))
+            .await
+            .unwrap();
         assert!(!m.in_force(7, &dns).await.unwrap());
         m.apply("wg0", 7, &dns).await.unwrap();
         // The default-route flag.
-        as_another_program(&other, "SetLinkDefaultRoute", &(7i32, false)).await;
+        other
+            .call("SetLinkDefaultRoute", &(7i32, false))
+            .await
+            .unwrap();
         assert!(!m.in_force(7, &dns).await.unwrap());
     }
 }
